@@ -1,0 +1,31 @@
+# pitome-export: install, test, lint, demo. Everything runs offline once packages are installed.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-heavy lint demo clean
+
+$(BIN)/pitome-export: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/pitome-export
+
+test: install
+	$(BIN)/pytest -q
+
+test-heavy: install
+	PITOME_HEAVY=1 $(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check ops exporter pipelines tests
+	$(BIN)/ruff format --check ops exporter pipelines tests
+
+# The main job on a default that works offline: random-init DeiT-S, PiToMe at 0.9, to ONNX.
+demo: install
+	$(BIN)/pitome-export deit_small --random-init --ratio 0.9 --target onnx --force
+
+clean:
+	rm -rf artifacts .pytest_cache

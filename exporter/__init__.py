@@ -1,0 +1,1 @@
+"""Export of patched models: ONNX lowering with a frozen schedule, graph checks, runners, parity."""

@@ -1,0 +1,161 @@
+"""Static-shape ONNX export of a (patched) model with the dynamo exporter.
+
+The frozen schedule makes every token dimension a constant; only the batch stays dynamic unless
+asked otherwise. The result is checked (ONNX checker, shape inference), stamped with the schedule
+and versions in `metadata_props`, and written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from exporter.atomic import temp_file_beside
+from exporter.signatures import ExportWrapper, ModelSignature, signature_of
+from ops import repatch
+
+DEFAULT_OPSET = 20
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph
+METADATA_PREFIX = "pitome."
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages an exported graph depends on (for metadata and reports)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("pitome-export", "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def export_metadata(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> dict[str, str]:
+    """`metadata_props` entries: schedule, merge settings, opset and versions, all as strings."""
+    schedule = getattr(model, "token_schedule", None)
+    merge_config = dict(getattr(model, "merge_config", None) or {})
+    props = {
+        "algo": merge_config.get("algo", "none"),
+        "ratio": json.dumps(merge_config.get("ratio")),
+        "lowering": merge_config.get("lowering", "none"),
+        "schedule": json.dumps(schedule.to_dict() if schedule else None),
+        "merge_config": json.dumps(merge_config, sort_keys=True),
+        "opset": str(opset),
+        "dynamic_batch": json.dumps(dynamic_batch),
+        "versions": json.dumps(package_versions(), sort_keys=True),
+    }
+    return {METADATA_PREFIX + key: value for key, value in props.items()}
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
+    """The `pitome.*` metadata of an exported model, JSON values decoded."""
+    out: dict[str, object] = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(METADATA_PREFIX):
+            key = prop.key[len(METADATA_PREFIX) :]
+            try:
+                out[key] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                out[key] = prop.value
+    return out
+
+
+def _trace(
+    wrapper: torch.nn.Module, inputs: tuple[torch.Tensor, ...], sig: ModelSignature, opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = (tuple({0: batch} for _ in inputs),)  # one entry: the wrapper's *inputs
+    # The exporter reports progress on stdout and through warnings; keep our own output clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            wrapper,
+            inputs,
+            input_names=list(sig.input_names),
+            output_names=list(sig.output_names),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: dict[str, torch.Tensor] | None,
+    path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    lowering: str | None = None,
+    dynamic_batch: bool = True,
+    seq_len: int | None = None,
+) -> Path:
+    """Export `model` (patched or not) to ONNX at `path` and return the path.
+
+    `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` re-patches the
+    model with that merge lowering first (same schedule). Names follow Optimum: `pixel_values`
+    -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`.
+    """
+    if lowering is not None and getattr(model, "merge_config", {}).get("lowering", lowering) != lowering:
+        repatch(model, lowering=lowering)
+    sig = signature_of(model, seq_len)
+    feeds = example_inputs if example_inputs is not None else sig.example_inputs(2)
+    inputs = tuple(feeds[name] for name in sig.input_names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            proto = _trace(ExportWrapper(model, sig), inputs, sig, opset, dynamic_batch)
+    finally:
+        model.train(was_training)
+    for key, value in export_metadata(model, opset, dynamic_batch).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "pitome-export"
+    return save_onnx(proto, path)
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Check, infer shapes, and write `proto` atomically (external data beside it when large)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = proto.ByteSize() > EXTERNAL_DATA_BYTES if _serializable(proto) else True
+    if not large:
+        onnx.checker.check_model(proto)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    tmp = temp_file_beside(path)
+    try:
+        if large:
+            onnx.save_model(
+                proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+            )
+            onnx.checker.check_model(tmp)
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _serializable(proto: onnx.ModelProto) -> bool:
+    try:
+        proto.ByteSize()
+    except ValueError:
+        return False
+    return True

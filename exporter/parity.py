@@ -1,0 +1,160 @@
+"""Parity of an export against the PyTorch reference, with polygraphy's comparator.
+
+Polygraphy runs both runners on the same feeds and judges each output elementwise
+(|diff| <= atol or rel <= rtol); we add what matters for classifiers: cosine similarity and
+top-1 agreement. The verdict and every figure go to `parity.json` and a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.logger import G_LOGGER
+
+from exporter.signatures import ModelSignature
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass/fail bounds; the FP32 defaults are the issue's, FP16 is looser by design."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_top1: float = 1.0
+
+
+TOLERANCES = {"fp32": Tolerances(), "fp16": Tolerances(atol=2e-2, rtol=2e-2, min_top1=0.99)}
+
+
+@dataclass
+class OutputParity:
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    min_cosine: float
+    top1_agreement: float
+    elementwise_passed: bool
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    candidate: str
+    tolerances: Tolerances
+    batch_sizes: list[int]
+    samples: int
+    outputs: list[OutputParity] = field(default_factory=list)
+    schedule: dict | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+    def verdict(self) -> str:
+        """One line in polygraphy's style: PASSED/FAILED with the tolerances used."""
+        t = self.tolerances
+        worst = max(self.outputs, key=lambda o: o.max_abs)
+        state = "PASSED" if self.passed else "FAILED"
+        return (
+            f"{state} | atol={t.atol:g} rtol={t.rtol:g} min top-1={t.min_top1:.0%} | "
+            f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, top-1 {worst.top1_agreement:.2%}"
+        )
+
+
+def parity_feeds(signature: ModelSignature, batch_sizes=(1, 4), batches_per_size: int = 2, seed: int = 0):
+    """Seeded synthetic feeds as numpy dicts: several batches at each batch size."""
+    feeds = []
+    for i, batch in enumerate(batch_sizes):
+        for j in range(batches_per_size):
+            tensors = signature.example_inputs(batch, seed=seed + 1000 * i + j)
+            feeds.append({name: tensors[name].numpy() for name in signature.input_names})
+    return feeds
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a2, b2 = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
+    denom = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    return (a2 * b2).sum(axis=1) / np.maximum(denom, 1e-30)
+
+
+def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances = Tolerances()) -> ParityReport:
+    """Run both runners on `feeds` and compare every output."""
+    severity = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        results = Comparator.run([reference, candidate], data_loader=feeds)
+        accuracy = Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol=tolerances.atol, rtol=tolerances.rtol)
+        )
+    finally:
+        G_LOGGER.module_severity = severity
+    (ref_name, ref_iters), (cand_name, cand_iters) = list(results.items())
+    per_iteration = accuracy[0][(ref_name, cand_name)]
+    report = ParityReport(
+        reference=ref_name.split("-N")[0],
+        candidate=cand_name.split("-N")[0],
+        tolerances=tolerances,
+        batch_sizes=sorted({next(iter(f.values())).shape[0] for f in feeds}),
+        samples=sum(next(iter(f.values())).shape[0] for f in feeds),
+    )
+    for name in ref_iters[0].keys():
+        ref = [np.asarray(it[name]) for it in ref_iters]
+        cand = [np.asarray(it[name]) for it in cand_iters]
+        stats = [iteration[name] for iteration in per_iteration]
+        cos = np.concatenate([_cosines(r, c) for r, c in zip(ref, cand)])
+        agree = np.concatenate(
+            [r.reshape(r.shape[0], -1).argmax(-1) == c.reshape(c.shape[0], -1).argmax(-1) for r, c in zip(ref, cand)]
+        )
+        elementwise = all(bool(s) for s in stats)
+        top1 = float(agree.mean())
+        report.outputs.append(
+            OutputParity(
+                name=name,
+                max_abs=float(max(s.max_absdiff for s in stats)),
+                max_rel=float(max(s.max_reldiff for s in stats)),
+                mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
+                min_cosine=float(cos.min()),
+                top1_agreement=top1,
+                elementwise_passed=elementwise,
+                passed=elementwise and top1 >= tolerances.min_top1,
+            )
+        )
+    return report
+
+
+def write_report(report: ParityReport, path) -> None:
+    from exporter.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2))
+
+
+def print_report(report: ParityReport, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"Parity: {report.candidate} vs {report.reference} ({report.samples} samples)")
+    for column in ("output", "max abs", "max rel", "mean abs", "min cosine", "top-1 agree", "result"):
+        table.add_column(column, justify="right" if column != "output" else "left")
+    for o in report.outputs:
+        table.add_row(
+            o.name,
+            f"{o.max_abs:.3g}",
+            f"{o.max_rel:.3g}",
+            f"{o.mean_abs:.3g}",
+            f"{o.min_cosine:.7f}",
+            f"{o.top1_agreement:.2%}",
+            "[green]PASSED[/]" if o.passed else "[red]FAILED[/]",
+        )
+    console.print(table)
+    console.print(report.verdict())

@@ -1,0 +1,112 @@
+"""Runtimes behind polygraphy's runner interface (activate / infer / deactivate).
+
+`TorchRunner` is the reference (CUDA when available, else CPU; which one is recorded).
+`ort_runner` wraps polygraphy's own ONNX Runtime runner around a session we configure
+(providers, threads, spinning), so timing and parity use the same sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+
+from exporter.signatures import ExportWrapper, ModelSignature
+
+ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def torch_device(prefer: str | None = None) -> torch.device:
+    """`prefer` ("cpu"/"cuda") or CUDA when available."""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+class TorchRunner(BaseRunner):
+    """PyTorch reference runner: feeds numpy arrays by input name, returns numpy outputs."""
+
+    def __init__(self, model: torch.nn.Module, signature: ModelSignature, device: str | None = None, name=None):
+        super().__init__(name=name, prefix="pytorch-runner")
+        self.wrapper = ExportWrapper(model, signature).eval()
+        self.signature = signature
+        self.device = torch_device(device)
+
+    def activate_impl(self) -> None:
+        self.wrapper.to(self.device)
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name in self.signature.input_names:
+            dtype = np.float32 if self.signature.kind == "vision" else np.int64
+            meta.add(name, dtype, (-1, *self.signature.input_shapes[name]))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        with torch.no_grad():
+            inputs = [torch.as_tensor(feed_dict[name]).to(self.device) for name in self.signature.input_names]
+            start = time.perf_counter()
+            output = self.wrapper(*inputs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.inference_time = time.perf_counter() - start
+        return OrderedDict([(self.signature.output_names[0], output.float().cpu().numpy())])
+
+    def deactivate_impl(self) -> None:
+        self.wrapper.to("cpu")
+
+
+def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, spinning: bool = False):
+    """An ONNX Runtime session with fixed intra-op threads and spinning off (fair timing)."""
+    import onnxruntime as ort
+
+    from exporter.errors import MissingBackendError
+
+    wanted = ORT_PROVIDERS[providers]
+    if wanted[0] not in ort.get_available_providers():
+        raise MissingBackendError(
+            f"ONNX Runtime provider {wanted[0]} is not available (installed: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for CUDA/TensorRT"
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+
+
+def ort_runner(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, name: str | None = None):
+    """polygraphy's OnnxrtRunner around `ort_session`."""
+    return OnnxrtRunner(lambda: ort_session(path, providers, threads), name=name)

@@ -1,0 +1,126 @@
+"""`patch_model` / `unpatch_model`: the one public entry point for model surgery.
+
+One small module per model family (`timm_vit`, `hf_text`) holds its subclasses; this module picks
+the family, freezes the schedule, and records it on the model as `model.token_schedule`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ops.errors import UnsupportedModelError
+from ops.merge import LOWERINGS
+from ops.patch import hf_text, timm_vit
+from ops.schedule import TokenSchedule, build_schedule
+
+DEFAULT_TEXT_SEQ_LEN = 128
+
+
+def _family(model: torch.nn.Module) -> str:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "timm_vit"
+    try:
+        hf_text.base_model(model)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: patch_model takes timm VisionTransformer models "
+            "and Hugging Face BERT/DistilBERT models"
+        ) from None
+    return "hf_text"
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the original classes of a patched model (no-op on an unpatched one)."""
+    for module in model.modules():
+        original = module.__dict__.pop("_pitome_original_class", None)
+        if original is not None:
+            module.__class__ = original
+    model.__dict__.pop("token_schedule", None)
+    model.__dict__.pop("merge_config", None)
+    return model
+
+
+def patch_model(
+    model: torch.nn.Module,
+    algo: str = "pitome",
+    ratio: float | None = 0.9,
+    schedule: list[int] | None = None,
+    prop_attn: bool | None = None,
+    lowering: str = "matmul",
+    *,
+    seq_len: int | None = None,
+    flavor: str | None = None,
+    padding_safe: bool = True,
+) -> torch.nn.Module:
+    """Patch `model` in place with token merging and return it.
+
+    `ratio` (fraction of tokens kept per merging layer) or an explicit `schedule` (tokens merged
+    per layer) is frozen into `model.token_schedule`. `prop_attn` defaults to the reference's
+    choice (off for PiToMe, on for ToMe on vision models). Text models need a fixed `seq_len` (default 128);
+    `padding_safe=False` reproduces the reference's padding behaviour. Calling it again
+    re-patches; `unpatch_model` restores the original model.
+    """
+    if lowering not in LOWERINGS:
+        raise UnsupportedModelError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    if schedule is not None:
+        ratio = None
+    unpatch_model(model)
+    family = _family(model)
+    if prop_attn is None:
+        prop_attn = algo == "tome" and family == "timm_vit"
+    if family == "timm_vit":
+        timm_vit.check_supported(model)
+        num_tokens, num_prefix = timm_vit.token_layout(model)
+        token_schedule = build_schedule(
+            num_tokens, len(model.blocks), algo=algo, ratio=ratio, merges=schedule, num_prefix=num_prefix
+        )
+        flavor = flavor or timm_vit.infer_flavor(model)
+        steps = timm_vit.layer_steps(token_schedule, algo, flavor, lowering)
+        timm_vit.patch(model, steps, prop_attn)
+        config = {"flavor": flavor}
+    else:
+        if prop_attn:
+            raise UnsupportedModelError("proportional attention is not implemented for text models")
+        seq_len = seq_len or DEFAULT_TEXT_SEQ_LEN
+        num_tokens, num_prefix = hf_text.token_layout(model, seq_len)
+        token_schedule = build_schedule(
+            num_tokens,
+            hf_text.depth(model),
+            algo=algo,
+            ratio=ratio,
+            merges=schedule,
+            num_prefix=num_prefix,
+            merge_layers=hf_text.MERGE_LAYERS,
+        )
+        steps = hf_text.layer_steps(token_schedule, algo, lowering)
+        hf_text.patch(model, steps, padding_safe, seq_len)
+        config = {"seq_len": seq_len, "padding_safe": padding_safe}
+    model.token_schedule = token_schedule
+    model.merge_config = {
+        "algo": algo,
+        "ratio": ratio,
+        "prop_attn": prop_attn,
+        "lowering": lowering,
+        "family": family,
+        "steps": [step.kind if step.r else "none" for step in steps],
+        **config,
+    }
+    return model
+
+
+def repatch(model: torch.nn.Module, **changes: object) -> torch.nn.Module:
+    """Patch a patched model again with the same settings except `changes` (e.g. `lowering`)."""
+    cfg = model.merge_config
+    kwargs: dict = {"algo": cfg["algo"], "prop_attn": cfg["prop_attn"], "lowering": cfg["lowering"]}
+    if cfg["ratio"] is None:
+        kwargs.update(ratio=None, schedule=list(model.token_schedule.merges))
+    else:
+        kwargs["ratio"] = cfg["ratio"]
+    kwargs.update({key: cfg[key] for key in ("seq_len", "padding_safe", "flavor") if key in cfg})
+    kwargs.update(changes)
+    return patch_model(model, **kwargs)
+
+
+__all__ = ["TokenSchedule", "patch_model", "repatch", "unpatch_model"]

@@ -1,0 +1,143 @@
+"""Token merging for timm's VisionTransformer family (ViT, DeiT, distilled DeiT, MAE-style pooling).
+
+The patch swaps the classes of the model, its blocks and their attention modules for subclasses
+whose forward passes carry `size [B, N, 1]` explicitly from block to block, and merges between
+attention and MLP. Per-layer settings are frozen on each block at patch time (plain values, no
+shared mutable state), so an export traces the same static shapes as eager runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ops.errors import UnsupportedModelError
+from ops.merge import MergeStep, merge_step
+from ops.schedule import TokenSchedule
+
+SUPPORTED_POOLS = ("token", "avg")
+
+
+class MergingAttention(Attention):
+    """timm Attention that can add log(size) to the logits and also returns head-averaged keys."""
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None if size is None else size.log()[:, None, None, :, 0]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), k.mean(dim=1)
+
+
+class MergingBlock(Block):
+    """timm Block that merges tokens between attention and MLP by its frozen `merge_cfg`."""
+
+    merge_cfg: MergeStep
+    prop_attn: bool
+    num_prefix: int
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_out, keys = self.attn(self.norm1(x), size if self.prop_attn else None)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, size = merge_step(x, size, keys, self.merge_cfg, self.num_prefix)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size
+
+
+class MergingVisionTransformer(VisionTransformer):
+    """VisionTransformer whose forward runs merging blocks and pools with token sizes."""
+
+    scheduled_tokens: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if x.shape[1] != self.scheduled_tokens:
+            raise ValueError(
+                f"the schedule was frozen for {self.scheduled_tokens} tokens but this input gives {x.shape[1]}: "
+                f"use images of {tuple(self.patch_embed.img_size)}"
+            )
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        for block in self.blocks:
+            x, size = block(x, size)
+        x = self.norm(x)
+        if self.global_pool != "avg":
+            return self.forward_head(x)
+        p = self.num_prefix_tokens
+        pooled = (x[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1)
+        return self.head(self.head_drop(self.fc_norm(pooled)))
+
+
+def _swap_class(module: torch.nn.Module, base: type) -> None:
+    """Give `module` a class deriving from both `base` (our forward) and its own class."""
+    original = type(module)
+    module._pitome_original_class = original
+    module.__class__ = type(f"{base.__name__}_{original.__name__}", (base, original), {})
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse models whose structure this patch would silently compute wrong."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a timm VisionTransformer")
+    if model.global_pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(f"global_pool={model.global_pool!r} is not supported (token or avg)")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise UnsupportedModelError(f"block {i} is a {type(block).__name__}; only timm Block is supported")
+        if not isinstance(block.attn, Attention):
+            raise UnsupportedModelError(f"block {i} attention is a {type(block.attn).__name__}; only timm Attention")
+
+
+def token_layout(model: torch.nn.Module) -> tuple[int, int]:
+    """(non-prefix tokens, prefix tokens) of a timm ViT at its configured image size."""
+    return model.patch_embed.num_patches, model.num_prefix_tokens
+
+
+def infer_flavor(model: torch.nn.Module) -> str:
+    """Reference per-model settings: MAE-style when pooling by average, else DeiT-style."""
+    return "mae" if model.global_pool == "avg" else "deit"
+
+
+def layer_steps(schedule: TokenSchedule, algo: str, flavor: str, lowering: str) -> list[MergeStep]:
+    """Per-layer merge steps as the reference runs them.
+
+    PiToMe margin 0.75 - 0.75 i/L. DeiT: energy-ordered bipartite (bsm) in the first ceil(L/2)
+    blocks, energy-protected after; MAE: the opposite.
+    """
+    depth = schedule.depth
+    half = math.ceil(depth / 2)
+    steps = []
+    for i, r in enumerate(schedule.merges):
+        if algo == "tome":
+            steps.append(MergeStep("tome", r, 0.0, lowering))
+            continue
+        early = i < half
+        bsm = early if flavor == "deit" else not early
+        steps.append(MergeStep("pitome_bsm" if bsm else "pitome", r, 0.75 - 0.75 * i / depth, lowering))
+    return steps
+
+
+def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool) -> None:
+    """Swap in the merging classes and freeze each block's step."""
+    _swap_class(model, MergingVisionTransformer)
+    model.scheduled_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for block, step in zip(model.blocks, steps):
+        _swap_class(block, MergingBlock)
+        _swap_class(block.attn, MergingAttention)
+        block.merge_cfg = step
+        block.prop_attn = prop_attn
+        block.num_prefix = model.num_prefix_tokens
+
+
+def modules_to_restore(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module whose class `patch` swapped."""
+    return [model, *model.blocks, *(block.attn for block in model.blocks)]

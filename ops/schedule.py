@@ -1,0 +1,107 @@
+"""Frozen per-layer token schedules: how many tokens each layer merges away.
+
+A schedule is a plain list of ints (`r_l` per layer). It is what export freezes into static
+shapes, what reports print, and what a user may pass instead of a ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ops.errors import ScheduleError
+
+ALGOS = ("pitome", "tome")
+
+
+@dataclass(frozen=True)
+class TokenSchedule:
+    """A validated schedule for one model.
+
+    `merges[l]` tokens are removed in layer `l`; `tokens[l]` non-prefix tokens enter layer `l`.
+    Prefix tokens (class, distillation) are never merged and are counted in `num_prefix`.
+    """
+
+    merges: tuple[int, ...]
+    tokens: tuple[int, ...]
+    num_prefix: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.merges)
+
+    @property
+    def final_tokens(self) -> int:
+        """Non-prefix tokens that leave the last layer."""
+        return self.tokens[-1] - self.merges[-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "merges": list(self.merges),
+            "tokens_in": [t + self.num_prefix for t in self.tokens],
+            "tokens_out": [t - r + self.num_prefix for t, r in zip(self.tokens, self.merges)],
+            "num_prefix": self.num_prefix,
+        }
+
+
+def merges_from_ratio(
+    num_tokens: int, depth: int, ratio: float, merge_layers: Sequence[int] | None = None
+) -> list[int]:
+    """`r_l = floor(T_l - T_l * ratio)` in Python float arithmetic, exactly as the reference.
+
+    `ratio` is the fraction of non-prefix tokens kept at every merging layer; layers outside
+    `merge_layers` (default: all) keep everything.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ScheduleError(f"ratio must be in (0, 1], got {ratio}")
+    layers = set(range(depth)) if merge_layers is None else set(merge_layers)
+    merges, t = [], num_tokens
+    for layer in range(depth):
+        r = math.floor(t - t * ratio) if layer in layers and ratio < 1.0 else 0
+        merges.append(r)
+        t -= r
+    return merges
+
+
+def build_schedule(
+    num_tokens: int,
+    depth: int,
+    *,
+    algo: str,
+    ratio: float | None = None,
+    merges: Sequence[int] | None = None,
+    num_prefix: int = 1,
+    merge_layers: Sequence[int] | None = None,
+) -> TokenSchedule:
+    """Validate a ratio or an explicit list of merges and freeze it into a TokenSchedule."""
+    if algo not in ALGOS:
+        raise ScheduleError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    if (ratio is None) == (merges is None):
+        raise ScheduleError("give exactly one of ratio or schedule")
+    if ratio is not None:
+        if algo == "pitome" and ratio < 0.5:
+            raise ScheduleError(f"PiToMe needs ratio >= 0.5 (it merges at most half the tokens), got {ratio}")
+        merges = merges_from_ratio(num_tokens, depth, ratio, merge_layers)
+    merges = list(merges)
+    if len(merges) != depth:
+        raise ScheduleError(f"schedule has {len(merges)} entries but the model has {depth} layers")
+    tokens, t = [], num_tokens
+    for layer, r in enumerate(merges):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ScheduleError(f"schedule entry {layer} must be a non-negative int, got {r!r}")
+        if merge_layers is not None and r and layer not in set(merge_layers):
+            raise ScheduleError(f"layer {layer} does not merge in this model, but the schedule asks for {r}")
+        if 2 * r > t:
+            raise ScheduleError(f"layer {layer}: cannot merge {r} of {t} tokens (at most half, {t // 2})")
+        tokens.append(t)
+        t -= r
+    return TokenSchedule(tuple(merges), tuple(tokens), num_prefix)
+
+
+def parse_schedule(text: str) -> list[int]:
+    """Parse `19,17,16` into a list of ints, with a user-facing error."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ScheduleError(f"schedule must be comma-separated integers, got {text!r}") from None

@@ -1,0 +1,1 @@
+"""End-to-end jobs (export -> validate -> benchmark -> report) and the CLI."""

@@ -1,0 +1,195 @@
+"""`pitome-export`: the command line. A thin layer over the library; heavy imports stay lazy.
+
+pitome-export MODEL [--ratio R | --schedule 19,17,...] [--algo pitome|tome] [--target onnx|trt]
+pitome-export schedule MODEL --ratio R
+pitome-export inspect model.onnx
+pitome-export env
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+SUBCOMMANDS = ("export", "schedule", "inspect", "env")
+
+EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure, 4 missing backend (TensorRT, CUDA),
+130 interrupted. Run `pitome-export MODEL ...` (same as `pitome-export export MODEL ...`)."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pitome-export")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
+    return value
+
+
+def _schedule(text: str) -> list[int]:
+    from ops.errors import ScheduleError
+    from ops.schedule import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ScheduleError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_merge_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("merging")
+    group.add_argument("--algo", choices=("pitome", "tome"), default="pitome", help="merge algorithm")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--ratio", type=_ratio, default=None, help="fraction of tokens kept per layer (default 0.9)")
+    which.add_argument("--schedule", type=_schedule, default=None, help="explicit tokens merged per layer: 19,17,...")
+    group.add_argument("--seq-len", type=_positive, default=None, help="fixed sequence length for text models")
+    return group
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pitome-export", description="Export token-merged (PiToMe/ToMe) transformers to ONNX.", epilog=EPILOG
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{export,schedule,inspect,env}")
+
+    export = sub.add_parser("export", help="export, validate and benchmark a merged model", epilog=EPILOG)
+    model = export.add_argument_group("model")
+    model.add_argument("model", help="short name (deit_small, bert_base, ...), timm name or HF id")
+    model.add_argument("--checkpoint", help="local weights: timm .pth/.safetensors or a HF model folder")
+    model.add_argument("--random-init", action="store_true", help="random weights (reports say so first)")
+    merging = _add_merge_flags(export)
+    merging.add_argument("--prop-attn", dest="prop_attn", action="store_true", default=None,
+                         help="proportional attention (default: off for pitome, on for tome)")  # fmt: skip
+    merging.add_argument("--no-prop-attn", dest="prop_attn", action="store_false")
+    out = export.add_argument_group("export")
+    out.add_argument("--target", choices=("onnx", "trt"), default="onnx")
+    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter"), default="matmul",
+                     help="merge lowering: one-hot MatMul (default, plugin-free) or ScatterElements add")  # fmt: skip
+    out.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
+    out.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    validation = export.add_argument_group("validation")
+    validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
+    bench = export.add_argument_group("benchmark")
+    bench.add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
+    bench.add_argument("--batch", type=_positive, default=8, help="benchmark batch size (default 8)")
+    bench.add_argument("--runs", type=_positive, default=20, help="timed runs per candidate (default 20)")
+    bench.add_argument("--threads", type=_positive, default=2, help="intra-op threads, torch and ORT (default 2)")
+    output = export.add_argument_group("output")
+    output.add_argument("-o", "--out", help="output folder (default artifacts/<model>-<algo>-r<ratio>-<target>)")
+    output.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+    schedule = sub.add_parser("schedule", help="print the per-layer token schedule and block FLOPs")
+    schedule.add_argument("model")
+    _add_merge_flags(schedule)
+
+    inspect = sub.add_parser("inspect", help="op census, metadata and TensorRT compatibility of an ONNX file")
+    inspect.add_argument("onnx_file")
+
+    sub.add_parser("env", help="versions, devices and threads for bug reports")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv.insert(0, "export")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from rich.console import Console
+
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except KeyboardInterrupt:
+        print("pitome-export: interrupted; nothing partial was left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the CLI edge: one line per known error, else re-raise
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        print(f"pitome-export: error: {exc}", file=sys.stderr)  # one unwrapped line
+        return code
+
+
+def _exit_code(exc: Exception) -> int | None:
+    from exporter.errors import MissingBackendError, ParityError
+    from ops.errors import PitomeError
+
+    if isinstance(exc, MissingBackendError):
+        return EXIT_BACKEND
+    if isinstance(exc, ParityError):
+        return EXIT_PARITY
+    if isinstance(exc, PitomeError):
+        return EXIT_USAGE
+    return None
+
+
+def _dispatch(args: argparse.Namespace, console) -> int:
+    if args.command == "env":
+        from pipelines.env_info import print_env
+
+        print_env(console)
+    elif args.command == "schedule":
+        from pipelines.schedule_table import print_schedule
+
+        print_schedule(args.model, args.algo, args.ratio, args.schedule, args.seq_len, console)
+    elif args.command == "inspect":
+        from pipelines.inspect_graph import print_inspection
+
+        print_inspection(args.onnx_file, console)
+    else:
+        from pipelines.export_job import ExportJob, check_target, run_job
+
+        check_target(args.target)  # before any heavy import: missing backends fail in well under 5 s
+        job = ExportJob(
+            model=args.model,
+            algo=args.algo,
+            ratio=args.ratio if args.schedule is None and args.ratio is not None else (None if args.schedule else 0.9),
+            schedule=args.schedule,
+            prop_attn=args.prop_attn,
+            lowering=args.lowering,
+            target=args.target,
+            checkpoint=args.checkpoint,
+            random_init=args.random_init,
+            seq_len=args.seq_len,
+            opset=args.opset,
+            static_batch=args.static_batch,
+            out=args.out,
+            force=args.force,
+            device=args.device,
+            bench=args.bench,
+            bench_batch=args.batch,
+            bench_runs=args.runs,
+            threads=args.threads,
+        )
+        run_job(job, console)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

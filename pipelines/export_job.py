@@ -1,0 +1,193 @@
+"""The main job: load -> patch -> export -> parity -> benchmark -> report folder.
+
+Everything is written into a temporary folder beside the output and renamed into place at the
+end, so an error or Ctrl-C never leaves a half-written artifact folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.atomic import atomic_write_text, make_temp_dir
+from exporter.errors import MissingBackendError, ParityError
+from ops.errors import PitomeError
+from pipelines.models import ModelSpec, load_model, resolve
+
+TARGETS = ("onnx", "trt")
+
+
+class OutputExistsError(PitomeError):
+    """The output folder exists and --force was not given."""
+
+
+@dataclass
+class ExportJob:
+    """What the user asked for; the CLI fills it from flags."""
+
+    model: str
+    algo: str = "pitome"
+    ratio: float | None = 0.9
+    schedule: list[int] | None = None
+    prop_attn: bool | None = None
+    lowering: str = "matmul"
+    target: str = "onnx"
+    checkpoint: str | None = None
+    random_init: bool = False
+    seq_len: int | None = None
+    opset: int = 20
+    static_batch: bool = False
+    out: str | None = None
+    force: bool = False
+    device: str | None = None
+    parity_batches: tuple[int, ...] = (1, 4)
+    bench: bool = True
+    bench_batch: int = 8
+    bench_runs: int = 20
+    threads: int = 2
+    seed: int = 0
+    command_line: list[str] = field(default_factory=lambda: ["pitome-export", *sys.argv[1:]])
+
+    def default_out(self) -> Path:
+        ratio = f"r{self.ratio:g}" if self.schedule is None else "sched"
+        return Path("artifacts") / f"{self.model}-{self.algo}-{ratio}-{self.target}"
+
+
+def check_target(target: str) -> None:
+    """Fail fast (before loading anything) when the target's backend is missing."""
+    import importlib.util
+
+    if target not in TARGETS:
+        raise PitomeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "trt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise MissingBackendError("TensorRT not installed (pip install pitome-export[trt])")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingBackendError("no CUDA device found: the trt target builds engines on an NVIDIA GPU")
+        raise MissingBackendError("TensorRT engine building is not implemented in this version; use --target onnx")
+
+
+def prepare_output(job: ExportJob) -> tuple[Path, Path]:
+    """(final folder, temporary folder beside it); refuses an existing folder without --force."""
+    final = Path(job.out) if job.out else job.default_out()
+    if final.exists() and not job.force:
+        raise OutputExistsError(f"output folder {final} exists; pass --force to replace it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(final)
+    except OSError as exc:
+        raise OutputExistsError(f"cannot write to {final.parent}: {exc.strerror}") from None
+    return final, tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move the finished temporary folder into place (replacing an old one under --force)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def run_job(job: ExportJob, console) -> Path:
+    """Run the whole job and return the published output folder; raise PitomeError on failure."""
+    check_target(job.target)
+    spec = resolve(job.model)
+    final, tmp = prepare_output(job)
+    try:
+        summary = _run_stages(job, spec, tmp, console)
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"[bold]Report:[/] {final / 'report.md'}")
+    if not summary["parity"]["passed"]:
+        raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")
+    return final
+
+
+def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
+    import torch
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from exporter.onnx_export import export_onnx
+    from exporter.parity import TOLERANCES, check_parity, parity_feeds, print_report
+    from exporter.runners import TorchRunner, device_name, ort_runner, torch_device
+    from exporter.signatures import signature_of
+    from ops import patch_model
+    from pipelines import report
+    from pipelines.benchmark import benchmark_artifact
+
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+    with progress:
+
+        def stage(text: str):
+            return progress.add_task(text, total=1)
+
+        task = stage(f"load {spec.name}")
+        model, origin = load_model(spec, job.checkpoint, job.random_init)
+        progress.update(task, completed=1)
+
+        task = stage(f"patch: {job.algo}")
+        seq_len = job.seq_len or spec.seq_len
+        text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
+        patch_model(
+            model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
+            lowering=job.lowering, **text_kwargs,
+        )  # fmt: skip
+        schedule = model.token_schedule
+        progress.update(task, completed=1)
+        console.print(report.schedule_line(schedule))
+
+        task = stage("export ONNX")
+        signature = signature_of(model, seq_len)
+        onnx_path = export_onnx(model, None, out / "model.onnx", opset=job.opset, dynamic_batch=not job.static_batch)
+        progress.update(task, completed=1)
+
+        task = stage("parity vs PyTorch")
+        device = torch_device(job.device)
+        batches = (2,) if job.static_batch else job.parity_batches
+        feeds = parity_feeds(signature, batches, seed=job.seed)
+        parity = check_parity(
+            TorchRunner(model, signature, str(device)),
+            ort_runner(onnx_path, threads=job.threads),
+            feeds,
+            TOLERANCES["fp32"],
+        )
+        parity.schedule = schedule.to_dict()
+        progress.update(task, completed=1)
+
+        bench = None
+        if job.bench:
+            task = stage(f"benchmark batch {job.bench_batch} x {job.bench_runs} runs")
+            bench = benchmark_artifact(model, signature, onnx_path, out, job, spec)
+            progress.update(task, completed=1)
+
+    print_report(parity, console)
+    context = report.run_context(job, spec, origin, device_name(device), str(device))
+    summary = {
+        "context": context,
+        "schedule": schedule.to_dict(),
+        "merge_config": model.merge_config,
+        "parity": parity.to_dict(),
+        "parity_line": parity.verdict(),
+        "bench": bench,
+    }
+    atomic_write_text(out / "schedule.json", json.dumps({**schedule.to_dict(), **model.merge_config}, indent=2))
+    atomic_write_text(out / "parity.json", json.dumps({"context": context, **parity.to_dict()}, indent=2))
+    if bench is not None:
+        atomic_write_text(out / "bench.json", json.dumps({"context": context, **bench}, indent=2))
+        report.print_bench(bench, console)
+    report.write_preprocessing(model, spec, out)
+    atomic_write_text(out / "report.md", report.markdown(summary, spec))
+    return summary

@@ -1,0 +1,167 @@
+"""Human and machine reports: run context, schedule line, latency table, report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+
+from exporter.atomic import atomic_write_text
+from exporter.onnx_export import package_versions
+from exporter.runners import cpu_name
+from ops.schedule import TokenSchedule
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def tensorrt_version() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "not installed"
+    from importlib import metadata
+
+    try:
+        return metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        return "installed (version unknown)"
+
+
+def run_context(job, spec, origin: str, reference_device: str, reference_kind: str) -> dict:
+    """Everything a reader needs to reproduce or judge the run."""
+    return {
+        "weights": origin,
+        "model": spec.name,
+        "source": spec.source,
+        "command_line": shlex.join(job.command_line),
+        "git_commit": git_commit(),
+        "versions": {**package_versions(), "tensorrt": tensorrt_version(), "python": platform.python_version()},
+        "cpu": cpu_name(),
+        "reference_device": f"{reference_kind} ({reference_device})",
+        "threads": job.threads,
+        "parity_batch_sizes": list(job.parity_batches),
+        "bench_batch": job.bench_batch,
+        "seed": job.seed,
+    }
+
+
+def schedule_line(schedule: TokenSchedule) -> str:
+    merges = ",".join(str(r) for r in schedule.merges)
+    return (
+        f"schedule r = {merges}; tokens {schedule.tokens[0] + schedule.num_prefix} -> "
+        f"{schedule.final_tokens + schedule.num_prefix}"
+    )
+
+
+def print_bench(bench: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Latency, batch {bench['batch']}, {bench['threads']} threads")
+    for column in ("candidate", "median ms", "min ms", "p90 ms", "p99 ms", "items/s", "cv"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for name, s in bench["latency"].items():
+        cv = f"{s['cv']:.1%}" + (" [yellow]noisy[/]" if s["noisy"] else "")
+        table.add_row(
+            name, f"{s['median_ms']:.1f}", f"{s['min_ms']:.1f}", f"{s['p90_ms']:.1f}", f"{s['p99_ms']:.1f}",
+            f"{s['throughput']:.1f}", cv,
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"speed-up merged vs unmerged: onnxruntime {bench['speedup_onnxruntime']:.2f}x, "
+        f"pytorch eager {bench['speedup_pytorch_eager']:.2f}x; block-FLOP ideal {bench['block_flop_speedup']:.2f}x"
+    )
+
+
+def write_preprocessing(model, spec, out: Path) -> None:
+    """timm: the data config as JSON; HF: config.json (and the tokenizer when it is local)."""
+    if spec.kind == "vision":
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config({}, model=model)
+        atomic_write_text(out / "preprocessor_config.json", json.dumps(config, indent=2, default=list))
+        return
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(out)
+    source = spec.source
+    if os.path.isdir(source):
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        except (OSError, ValueError):
+            pass  # a model folder without a tokenizer: config.json alone still describes the graph
+
+
+def markdown(summary: dict, spec) -> str:
+    """report.md: random-init warning first, then the run context, schedule, parity and latency."""
+    ctx, parity, bench = summary["context"], summary["parity"], summary["bench"]
+    lines = []
+    if ctx["weights"] == "random-init":
+        lines += ["> **RANDOM-INIT WEIGHTS**: accuracy figures are meaningless; parity and latency are real.", ""]
+    lines += [
+        f"# pitome-export report: {spec.name}",
+        "",
+        f"- weights: {ctx['weights']}",
+        f"- command: `{ctx['command_line']}`",
+        f"- git commit: {ctx['git_commit']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in ctx["versions"].items()),
+        f"- CPU: {ctx['cpu']}; reference device: {ctx['reference_device']}; threads: {ctx['threads']}",
+        f"- seed: {ctx['seed']}; parity batch sizes: {ctx['parity_batch_sizes']}",
+        "",
+        "## Schedule",
+        "",
+        f"algo {summary['merge_config']['algo']}, ratio {summary['merge_config']['ratio']}, "
+        f"lowering {summary['merge_config']['lowering']}, proportional attention {summary['merge_config']['prop_attn']}",
+        "",
+        "| layer | tokens in | merged | tokens out | step |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    sched = summary["schedule"]
+    for i, (tin, r, tout, step) in enumerate(
+        zip(sched["tokens_in"], sched["merges"], sched["tokens_out"], summary["merge_config"]["steps"])
+    ):
+        lines.append(f"| {i} | {tin} | {r} | {tout} | {step} |")
+    lines += ["", "## Parity (ONNX Runtime CPU vs PyTorch reference)", ""]
+    lines += [
+        "| output | max abs | max rel | mean abs | min cosine | top-1 agreement | result |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for o in parity["outputs"]:
+        state = "PASSED" if o["passed"] else "FAILED"
+        lines.append(
+            f"| {o['name']} | {o['max_abs']:.3g} | {o['max_rel']:.3g} | {o['mean_abs']:.3g} | "
+            f"{o['min_cosine']:.7f} | {o['top1_agreement']:.2%} | {state} |"
+        )
+    lines += ["", summary["parity_line"], ""]
+    if bench:
+        lines += ["## Latency", "", bench["how"], ""]
+        lines += [
+            "| candidate | median ms | min ms | p90 ms | p99 ms | items/s | cv |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in bench["latency"].items():
+            noisy = " (noisy)" if s["noisy"] else ""
+            lines.append(
+                f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
+                f"{s['throughput']:.1f} | {s['cv']:.1%}{noisy} |"
+            )
+        lines += [
+            "",
+            f"Speed-up merged vs unmerged: ONNX Runtime {bench['speedup_onnxruntime']:.2f}x, "
+            f"PyTorch eager {bench['speedup_pytorch_eager']:.2f}x. Block FLOPs {bench['block_gflops_merged']:.2f} vs "
+            f"{bench['block_gflops_unmerged']:.2f} GFLOP per item: ideal {bench['block_flop_speedup']:.2f}x.",
+            "",
+        ]
+    return "\n".join(lines)

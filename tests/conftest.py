@@ -1,0 +1,23 @@
+"""Shared fixtures: small random-init models (no hub access), fixed threads for stable numbers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def heavy_enabled() -> bool:
+    return os.environ.get("PITOME_HEAVY") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if heavy_enabled():
+        return
+    skip = pytest.mark.skip(reason="heavy (full-size model or full parity grid): set PITOME_HEAVY=1 / make test-heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

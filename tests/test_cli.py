@@ -1,0 +1,205 @@
+"""The command line as users run it: exit codes, one-line errors, complete or absent output folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[0].startswith("usage:"), result.stderr  # argparse adds its usage line
+    assert "Traceback" not in result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A timm test_vit checkpoint made here (random weights, but loaded as a user's local file)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return path
+
+
+def test_help_and_version_are_fast():
+    start = time.perf_counter()
+    assert cli("--help").returncode == 0
+    version = cli("--version")
+    assert version.returncode == 0 and "pitome-export" in version.stdout
+    assert time.perf_counter() - start < 5
+    help_text = cli("export", "--help").stdout
+    for group in ("model", "merging", "export", "validation", "benchmark", "output", "exit codes"):
+        assert group in help_text
+
+
+def test_schedule_subcommand_prints_table():
+    result = cli("schedule", "deit_small", "--ratio", "0.9")
+    assert result.returncode == 0, result.stderr
+    assert "schedule: 19,17,16,14,13,11,10,9,8,7,7,6" in result.stdout
+    assert "1.79x fewer" in result.stdout
+
+
+def test_env_subcommand():
+    result = cli("env")
+    assert result.returncode == 0 and "onnxruntime" in result.stdout and "tensorrt" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["deit_small", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+        (["deit_small", "--ratio", "abc"], "ratio must be a number"),
+        (["deit_small", "--random-init", "--ratio", "0.4"], "PiToMe needs ratio >= 0.5"),
+        (["deit_small", "--random-init", "--schedule", "1,2,3"], "3 entries but the model has 12 layers"),
+        (["deit_small", "--random-init", "--schedule", "99,0,0,0,0,0,0,0,0,0,0,0"], "at most half"),
+        (["deit_small", "--schedule", "1,x"], "comma-separated integers"),
+        (["no_such_model_xyz", "--random-init"], "unknown model 'no_such_model_xyz'"),
+        (["deit_small", "--checkpoint", "/nonexistent/w.pth"], "checkpoint not found"),
+        (["schedule", "deit_small", "--ratio", "0.3"], "PiToMe needs ratio >= 0.5"),
+        (["inspect", "/nonexistent/model.onnx"], "no such ONNX file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
+    one_line_error(
+        cli(*args, "-o", str(tmp_path / "out")) if args[0] not in ("schedule", "inspect") else cli(*args), 2, fragment
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_onnx_is_exit_2(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    one_line_error(cli("inspect", str(bad)), 2, "not a readable ONNX model")
+
+
+def test_mismatched_checkpoint_is_exit_2(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path))
+    one_line_error(cli("test_vit", "--checkpoint", str(path), "-o", str(tmp_path / "o")), 2, "does not fit test_vit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_trt_without_tensorrt_fails_fast_with_exit_4(tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; this test covers machines without it")
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    result = cli("deit_base", "--ratio", "0.9", "--target", "trt", "-o", str(tmp_path / "o"))
+    assert time.perf_counter() - start < 5
+    one_line_error(result, 4, "TensorRT not installed (pip install pitome-export[trt])")
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(cli("deit_small", "--random-init", "-o", str(out)), 2, "exists; pass --force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unwritable_output_is_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(cli("deit_small", "--random-init", "-o", str(blocker / "sub" / "out")), 2, "cannot write")
+
+
+def test_full_job_writes_complete_folder(tmp_path, checkpoint):
+    out = tmp_path / "art"
+    result = cli("test_vit", "--checkpoint", str(checkpoint), "--algo", "tome", "--ratio", "0.9",
+                 "--batch", "2", "--runs", "3", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "bench.json",
+        "model.onnx",
+        "parity.json",
+        "preprocessor_config.json",
+        "report.md",
+        "schedule.json",
+    ]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["context"]["weights"] == f"checkpoint {checkpoint}"
+    bench = json.loads((out / "bench.json").read_text())
+    assert set(bench["latency"]) == {
+        "onnxruntime merged",
+        "onnxruntime unmerged",
+        "pytorch eager merged",
+        "pytorch eager unmerged",
+    }
+    assert bench["block_flop_speedup"] > 1.0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# pitome-export report: test_vit") and "PASSED" in report
+    assert "schedule r = 10,9,8,7,6,6" in result.stdout
+    assert json.loads((out / "preprocessor_config.json").read_text())["input_size"] == [3, 160, 160]
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp folder left beside it
+    inspected = cli("inspect", str(out / "model.onnx"))
+    assert inspected.returncode == 0 and "TensorRT compatible: yes" in inspected.stdout
+    assert "schedule r: 10,9,8,7,6,6" in inspected.stdout
+
+
+def test_random_init_report_says_so_first(tmp_path):
+    out = tmp_path / "art"
+    result = cli("test_vit", "--random-init", "--no-bench", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "report.md").read_text().startswith("> **RANDOM-INIT WEIGHTS**")
+    assert not (out / "bench.json").exists()
+
+
+def test_parity_failure_exits_3(tmp_path, monkeypatch, checkpoint):
+    from exporter import parity
+    from pipelines import cli as cli_module
+
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerances(atol=0.0, rtol=0.0, min_top1=1.0))
+    code = cli_module.main(["test_vit", "--checkpoint", str(checkpoint), "--no-bench", "-o", str(tmp_path / "o")])
+    assert code == 3
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "test_vit", "--random-init", "-o", str(tmp_path / "o")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".o.") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

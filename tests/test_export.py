@@ -1,0 +1,147 @@
+"""ONNX export: names, metadata, determinism, atomic writes, graph checks."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from exporter.graph_check import is_trt_compatible, op_census, trt_compatibility
+from exporter.onnx_export import export_onnx, read_metadata
+from ops import patch_model
+from tests.models import small_text, small_vit
+
+
+@pytest.fixture(scope="module")
+def vision_export(tmp_path_factory):
+    model = patch_model(small_vit("deit"), algo="pitome", ratio=0.9)
+    path = export_onnx(model, None, tmp_path_factory.mktemp("v") / "model.onnx")
+    return model, path
+
+
+def test_names_and_static_token_dims(vision_export):
+    _, path = vision_export
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["pixel_values"]
+    assert [o.name for o in graph.output] == ["logits"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+
+
+def test_metadata_records_schedule_and_versions(vision_export):
+    model, path = vision_export
+    meta = read_metadata(onnx.load(path))
+    assert meta["algo"] == "pitome" and meta["ratio"] == 0.9 and meta["opset"] == 20
+    assert meta["schedule"]["merges"] == list(model.token_schedule.merges)
+    assert meta["lowering"] == "matmul" and "torch" in meta["versions"]
+
+
+def test_matmul_lowering_is_trt_compatible_and_scatter_free(vision_export):
+    _, path = vision_export
+    model = onnx.load(path)
+    census = op_census(model)
+    assert "ScatterElements" not in census and census["TopK"] > 0
+    findings = trt_compatibility(model)
+    assert is_trt_compatible(findings), findings
+
+
+def test_scatter_lowering_is_flagged_plugin_bound(tmp_path):
+    model = patch_model(small_vit("deit"), algo="tome", ratio=0.9, lowering="scatter")
+    proto = onnx.load(export_onnx(model, None, tmp_path / "m.onnx"))
+    assert op_census(proto)["ScatterElements"] > 0
+    findings = trt_compatibility(proto)
+    assert is_trt_compatible(findings)
+    assert any(f.op_type == "ScatterElements" and f.severity == "warning" for f in findings)
+
+
+def test_export_is_byte_identical_twice(tmp_path, vision_export):
+    model, first = vision_export
+    second = export_onnx(model, None, tmp_path / "again.onnx")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_export_lowering_argument_repatches(tmp_path):
+    model = patch_model(small_vit("deit"), algo="pitome", ratio=0.9, lowering="matmul")
+    proto = onnx.load(export_onnx(model, None, tmp_path / "m.onnx", lowering="scatter"))
+    assert model.merge_config["lowering"] == "scatter" and read_metadata(proto)["lowering"] == "scatter"
+
+
+def test_text_export_names(tmp_path):
+    bert = patch_model(small_text("bert"), algo="pitome", ratio=0.7, seq_len=32)
+    graph = onnx.load(export_onnx(bert, None, tmp_path / "b.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in graph.output] == ["logits"]
+    distil = patch_model(small_text("distilbert"), algo="tome", ratio=0.7, seq_len=32)
+    graph = onnx.load(export_onnx(distil, None, tmp_path / "d.onnx", dynamic_batch=False)).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2  # static batch of the example
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    import exporter.onnx_export as onnx_export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    model = patch_model(small_vit("deit"), ratio=0.9)
+    monkeypatch.setattr(onnx_export.onnx, "save_model", broken)
+    with pytest.raises(RuntimeError):
+        export_onnx(model, None, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=20):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _reasons(model):
+    return [(f.severity, f.node, f.reason) for f in trt_compatibility(model)]
+
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+IDX = helper.make_tensor_value_info("i", TensorProto.INT64, None)
+
+
+def test_trt_check_topk_constraints():
+    k_big = helper.make_tensor("k", TensorProto.INT64, [1], [4000])
+    unsorted = helper.make_node("TopK", ["x", "k"], ["y", "i"], name="topk_big", sorted=0)
+    findings = _reasons(_graph([unsorted], [X], [Y, IDX], [k_big]))
+    assert ("error", "topk_big", "TopK must be sorted=1") in findings
+    assert any("K=4000" in r for _, _, r in findings)
+    k_input = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    dynamic = helper.make_node("TopK", ["x", "k"], ["y", "i"], name="topk_dyn")
+    findings = _reasons(_graph([dynamic], [X, k_input], [Y, IDX]))
+    assert ("error", "topk_dyn", "TopK's K is not a build-time constant") in findings
+
+
+def test_trt_check_control_flow_and_scatternd_and_opset():
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "t", [], [Y])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    iff = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=then)
+    assert any(s == "error" and n == "branch" for s, n, _ in _reasons(_graph([iff], [X, cond], [Y])))
+    idx = helper.make_tensor("idx", TensorProto.INT64, [1, 1], [0])
+    upd = helper.make_tensor("upd", TensorProto.FLOAT, [1, 8], [0.0] * 8)
+    nd = helper.make_node("ScatterND", ["x", "idx", "upd"], ["y"], name="snd", reduction="add")
+    assert any(s == "error" and n == "snd" for s, n, _ in _reasons(_graph([nd], [X], [Y], [idx, upd])))
+    relu = helper.make_node("Relu", ["x"], ["y"], name="relu")
+    assert any("opset 23" in r for _, _, r in _reasons(_graph([relu], [X], [Y], opset=23)))
+    assert _reasons(_graph([relu], [X], [Y])) == []
+
+
+def test_trt_check_data_dependent_shape():
+    shape_from_data = helper.make_node("Cast", ["x"], ["s"], to=TensorProto.INT64, name="cast")
+    first_two = helper.make_node("Slice", ["s", "zero", "two", "one"], ["s2"], name="slice")
+    reshape = helper.make_node("Reshape", ["x", "s2"], ["y"], name="reshape_from_values")
+    consts = [
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    model = _graph([shape_from_data, first_two, reshape], [X], [Y], consts)
+    assert any(n == "reshape_from_values" and s == "error" for s, n, _ in _reasons(model))
+    # the same Reshape fed by Shape(x) is static
+    from_shape = helper.make_node("Shape", ["x"], ["s"], name="shape")
+    model = _graph([from_shape, first_two, reshape], [X], [Y], consts)
+    assert _reasons(model) == []
