@@ -107,6 +107,12 @@ def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | 
     return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
 
 
-def ort_runner(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, name: str | None = None):
+def ort_runner(
+    path: str | os.PathLike,
+    providers: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = False,
+    name: str | None = None,
+):
     """polygraphy's OnnxrtRunner around `ort_session`."""
-    return OnnxrtRunner(lambda: ort_session(path, providers, threads), name=name)
+    return OnnxrtRunner(lambda: ort_session(path, providers, threads, spinning), name=name)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from pathlib import Path
 
 import torch
 
 from exporter.latency import time_interleaved
-from exporter.onnx_export import export_onnx
 from exporter.runners import cpu_name, ort_session
 from exporter.signatures import ExportWrapper, ModelSignature
-from ops import unpatch_model
 from ops.flops import schedule_flops
 
 
@@ -37,16 +33,16 @@ def flops_summary(model: torch.nn.Module) -> dict:
     }
 
 
-def benchmark_artifact(model, signature: ModelSignature, onnx_path: Path, out: Path, job, spec) -> dict:
+def benchmark_artifact(
+    model: torch.nn.Module, unmerged: torch.nn.Module, signature: ModelSignature, onnx_path: Path, baseline: Path, job
+) -> dict:
     """Time ORT merged vs unmerged and PyTorch eager merged vs unmerged at the job's batch size."""
-    unmerged = unpatch_model(copy.deepcopy(model))
-    feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
+    batch = 2 if job.static_batch else job.bench_batch  # a static graph runs at its export batch
+    feeds = signature.example_inputs(batch, seed=job.seed)
     numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
     inputs = tuple(feeds[name] for name in signature.input_names)
-    with tempfile.TemporaryDirectory() as scratch:
-        baseline_path = export_onnx(unmerged, None, Path(scratch) / "unmerged.onnx", opset=job.opset)
-        merged_session = ort_session(onnx_path, threads=job.threads)
-        baseline_session = ort_session(baseline_path, threads=job.threads)
+    merged_session = ort_session(onnx_path, threads=job.threads)
+    baseline_session = ort_session(baseline, threads=job.threads)
     eager_merged = ExportWrapper(model, signature).eval()
     eager_unmerged = ExportWrapper(unmerged, signature).eval()
 
@@ -63,15 +59,15 @@ def benchmark_artifact(model, signature: ModelSignature, onnx_path: Path, out: P
         "pytorch eager merged": eager(eager_merged),
         "pytorch eager unmerged": eager(eager_unmerged),
     }
-    stats = time_interleaved(candidates, job.bench_batch, runs=job.bench_runs)
+    stats = time_interleaved(candidates, batch, runs=job.bench_runs)
     ort_speedup = stats["onnxruntime unmerged"].median_ms / stats["onnxruntime merged"].median_ms
     eager_speedup = stats["pytorch eager unmerged"].median_ms / stats["pytorch eager merged"].median_ms
     return {
         "how": (
-            f"{job.bench_runs} interleaved runs after 3 warm-up rounds, batch {job.bench_batch}, "
+            f"{job.bench_runs} interleaved runs after 3 warm-up rounds, batch {batch}, "
             f"{job.threads} threads (torch and ORT intra-op), ORT spinning off, CPU {cpu_name()}"
         ),
-        "batch": job.bench_batch,
+        "batch": batch,
         "threads": job.threads,
         "latency": {name: s.to_dict() for name, s in stats.items()},
         "speedup_onnxruntime": ort_speedup,

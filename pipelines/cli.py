@@ -12,7 +12,7 @@ import argparse
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
-SUBCOMMANDS = ("export", "schedule", "inspect", "env")
+SUBCOMMANDS = ("export", "sweep", "schedule", "inspect", "env")
 
 EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure, 4 missing backend (TensorRT, CUDA),
 130 interrupted. Run `pitome-export MODEL ...` (same as `pitome-export export MODEL ...`)."""
@@ -67,38 +67,71 @@ def _add_merge_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     return group
 
 
+def _float_list(text: str) -> list[float]:
+    return [_ratio(part) for part in text.split(",")]
+
+
+def _algo_list(text: str) -> list[str]:
+    algos = text.split(",")
+    for algo in algos:
+        if algo not in ("pitome", "tome"):
+            raise argparse.ArgumentTypeError(f"unknown algo {algo!r}; choose from pitome, tome")
+    return algos
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("model", help="short name (deit_small, bert_base, ...), timm name or HF id")
+    model.add_argument("--checkpoint", help="local weights: timm .pth/.safetensors or a HF model folder")
+    model.add_argument("--random-init", action="store_true", help="random weights (reports say so first)")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, merging: argparse._ArgumentGroup) -> dict:
+    """Flags shared by export and sweep: prop-attn, lowering, data, benchmark and output."""
+    merging.add_argument("--prop-attn", dest="prop_attn", action="store_true", default=None,
+                         help="proportional attention (default: off for pitome, on for tome)")  # fmt: skip
+    merging.add_argument("--no-prop-attn", dest="prop_attn", action="store_false")
+    out = parser.add_argument_group("export")
+    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter"), default="matmul",
+                     help="merge lowering: one-hot MatMul (default, plugin-free) or ScatterElements add")  # fmt: skip
+    out.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
+    validation.add_argument("--data", help="labelled data for accuracy: image folder (class/*.jpg), "
+                            "Fashion-MNIST IDX folder, or text .csv/.jsonl with text,label")  # fmt: skip
+    validation.add_argument("--limit", type=_positive, default=None, help="use N samples of --data (seeded)")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--batch", type=_positive, default=8, help="benchmark batch size (default 8)")
+    bench.add_argument("--runs", type=_positive, default=20, help="timed runs per candidate (default 20)")
+    bench.add_argument("--threads", type=_positive, default=2, help="intra-op threads, torch and ORT (default 2)")
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--out", help="output folder (default under artifacts/)")
+    output.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return {"export": out, "benchmark": bench}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pitome-export", description="Export token-merged (PiToMe/ToMe) transformers to ONNX.", epilog=EPILOG
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{export,schedule,inspect,env}")
+    sub = parser.add_subparsers(dest="command", metavar="{export,sweep,schedule,inspect,env}")
 
     export = sub.add_parser("export", help="export, validate and benchmark a merged model", epilog=EPILOG)
-    model = export.add_argument_group("model")
-    model.add_argument("model", help="short name (deit_small, bert_base, ...), timm name or HF id")
-    model.add_argument("--checkpoint", help="local weights: timm .pth/.safetensors or a HF model folder")
-    model.add_argument("--random-init", action="store_true", help="random weights (reports say so first)")
+    _add_model_flags(export)
     merging = _add_merge_flags(export)
-    merging.add_argument("--prop-attn", dest="prop_attn", action="store_true", default=None,
-                         help="proportional attention (default: off for pitome, on for tome)")  # fmt: skip
-    merging.add_argument("--no-prop-attn", dest="prop_attn", action="store_false")
-    out = export.add_argument_group("export")
-    out.add_argument("--target", choices=("onnx", "trt"), default="onnx")
-    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter"), default="matmul",
-                     help="merge lowering: one-hot MatMul (default, plugin-free) or ScatterElements add")  # fmt: skip
-    out.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
-    out.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
-    validation = export.add_argument_group("validation")
-    validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
-    bench = export.add_argument_group("benchmark")
-    bench.add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
-    bench.add_argument("--batch", type=_positive, default=8, help="benchmark batch size (default 8)")
-    bench.add_argument("--runs", type=_positive, default=20, help="timed runs per candidate (default 20)")
-    bench.add_argument("--threads", type=_positive, default=2, help="intra-op threads, torch and ORT (default 2)")
-    output = export.add_argument_group("output")
-    output.add_argument("-o", "--out", help="output folder (default artifacts/<model>-<algo>-r<ratio>-<target>)")
-    output.add_argument("--force", action="store_true", help="replace an existing output folder")
+    groups = _add_run_flags(export, merging)
+    groups["export"].add_argument("--target", choices=("onnx", "trt"), default="onnx")
+    groups["export"].add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    groups["benchmark"].add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
+
+    sweep = sub.add_parser("sweep", help="grid of algos x ratios: accuracy (or agreement) vs throughput plot")
+    _add_model_flags(sweep)
+    merging = sweep.add_argument_group("merging")
+    merging.add_argument("--ratios", type=_float_list, default=[0.975, 0.95, 0.925, 0.9], help="e.g. 0.95,0.9")
+    merging.add_argument("--algos", type=_algo_list, default=["pitome", "tome"], help="e.g. pitome,tome")
+    merging.add_argument("--seq-len", type=_positive, default=None, help="fixed sequence length for text models")
+    _add_run_flags(sweep, merging)
 
     schedule = sub.add_parser("schedule", help="print the per-layer token schedule and block FLOPs")
     schedule.add_argument("model")
@@ -149,6 +182,26 @@ def _exit_code(exc: Exception) -> int | None:
     return None
 
 
+def _common(args: argparse.Namespace) -> dict:
+    """Job fields that export and sweep share, from their shared flags."""
+    return {
+        "prop_attn": args.prop_attn,
+        "lowering": args.lowering,
+        "checkpoint": args.checkpoint,
+        "random_init": args.random_init,
+        "seq_len": args.seq_len,
+        "opset": args.opset,
+        "out": args.out,
+        "force": args.force,
+        "device": args.device,
+        "bench_batch": args.batch,
+        "bench_runs": args.runs,
+        "threads": args.threads,
+        "data": args.data,
+        "limit": args.limit,
+    }
+
+
 def _dispatch(args: argparse.Namespace, console) -> int:
     if args.command == "env":
         from pipelines.env_info import print_env
@@ -158,6 +211,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:
         from pipelines.schedule_table import print_schedule
 
         print_schedule(args.model, args.algo, args.ratio, args.schedule, args.seq_len, console)
+    elif args.command == "sweep":
+        from pipelines.sweep import SweepJob, run_sweep
+
+        run_sweep(SweepJob(model=args.model, ratios=args.ratios, algos=args.algos, **_common(args)), console)
     elif args.command == "inspect":
         from pipelines.inspect_graph import print_inspection
 
@@ -166,26 +223,16 @@ def _dispatch(args: argparse.Namespace, console) -> int:
         from pipelines.export_job import ExportJob, check_target, run_job
 
         check_target(args.target)  # before any heavy import: missing backends fail in well under 5 s
+        ratio = None if args.schedule is not None else (args.ratio if args.ratio is not None else 0.9)
         job = ExportJob(
             model=args.model,
             algo=args.algo,
-            ratio=args.ratio if args.schedule is None and args.ratio is not None else (None if args.schedule else 0.9),
+            ratio=ratio,
             schedule=args.schedule,
-            prop_attn=args.prop_attn,
-            lowering=args.lowering,
             target=args.target,
-            checkpoint=args.checkpoint,
-            random_init=args.random_init,
-            seq_len=args.seq_len,
-            opset=args.opset,
             static_batch=args.static_batch,
-            out=args.out,
-            force=args.force,
-            device=args.device,
             bench=args.bench,
-            bench_batch=args.batch,
-            bench_runs=args.runs,
-            threads=args.threads,
+            **_common(args),
         )
         run_job(job, console)
     return EXIT_OK

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class ExportJob:
     bench: bool = True
     bench_batch: int = 8
     bench_runs: int = 20
+    data: str | None = None
+    limit: int | None = None
     threads: int = 2
     seed: int = 0
     command_line: list[str] = field(default_factory=lambda: ["pitome-export", *sys.argv[1:]])
@@ -100,6 +103,10 @@ def publish(tmp: Path, final: Path) -> None:
 def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
     check_target(job.target)
+    if job.data is not None and not Path(job.data).exists():
+        from pipelines.data import DataError
+
+        raise DataError(f"data not found: {job.data}")
     spec = resolve(job.model)
     final, tmp = prepare_output(job)
     try:
@@ -114,7 +121,21 @@ def run_job(job: ExportJob, console) -> Path:
     return final
 
 
+def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature):
+    """The labelled data for the accuracy stage, checked before any export work."""
+    from pipelines.data import open_text_data, open_vision_data
+
+    if spec.kind == "vision":
+        from timm.data import resolve_data_config
+
+        return open_vision_data(job.data, resolve_data_config({}, model=model), job.limit, job.seed)
+    tokenizer_source = job.checkpoint or spec.source
+    return open_text_data(job.data, tokenizer_source, seq_len, signature.input_names, job.limit, job.seed)
+
+
 def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
+    import copy
+
     import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -122,14 +143,15 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
     from exporter.parity import TOLERANCES, check_parity, parity_feeds, print_report
     from exporter.runners import TorchRunner, device_name, ort_runner, torch_device
     from exporter.signatures import signature_of
-    from ops import patch_model
+    from ops import patch_model, unpatch_model
     from pipelines import report
+    from pipelines.accuracy import measure_accuracy
     from pipelines.benchmark import benchmark_artifact
 
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
-    with progress:
+    with progress, tempfile.TemporaryDirectory(prefix="pitome-scratch-") as scratch:
 
         def stage(text: str):
             return progress.add_task(text, total=1)
@@ -146,12 +168,16 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             lowering=job.lowering, **text_kwargs,
         )  # fmt: skip
         schedule = model.token_schedule
+        signature = signature_of(model, seq_len)
+        data = open_data(job, spec, model, seq_len, signature) if job.data else None
         progress.update(task, completed=1)
         console.print(report.schedule_line(schedule))
 
         task = stage("export ONNX")
-        signature = signature_of(model, seq_len)
-        onnx_path = export_onnx(model, None, out / "model.onnx", opset=job.opset, dynamic_batch=not job.static_batch)
+        dynamic = not job.static_batch
+        onnx_path = export_onnx(
+            model, None, out / "model.onnx", opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len
+        )
         progress.update(task, completed=1)
 
         task = stage("parity vs PyTorch")
@@ -159,19 +185,29 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         batches = (2,) if job.static_batch else job.parity_batches
         feeds = parity_feeds(signature, batches, seed=job.seed)
         parity = check_parity(
-            TorchRunner(model, signature, str(device)),
-            ort_runner(onnx_path, threads=job.threads),
-            feeds,
+            TorchRunner(model, signature, str(device)), ort_runner(onnx_path, threads=job.threads), feeds,
             TOLERANCES["fp32"],
-        )
+        )  # fmt: skip
         parity.schedule = schedule.to_dict()
         progress.update(task, completed=1)
 
-        bench = None
+        bench = accuracy = None
+        if job.bench or data is not None:
+            task = stage("export the unmerged baseline")
+            unmerged = unpatch_model(copy.deepcopy(model))
+            baseline = export_onnx(
+                unmerged, None, Path(scratch) / "unmerged.onnx", opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len
+            )
+            progress.update(task, completed=1)
         if job.bench:
             task = stage(f"benchmark batch {job.bench_batch} x {job.bench_runs} runs")
-            bench = benchmark_artifact(model, signature, onnx_path, out, job, spec)
+            bench = benchmark_artifact(model, unmerged, signature, onnx_path, baseline, job)
             progress.update(task, completed=1)
+        if data is not None:
+            task = progress.add_task(f"accuracy on {len(data)} samples", total=-(-len(data) // 32))
+            accuracy = measure_accuracy(
+                onnx_path, baseline, data, 32, job.threads, progress=lambda: progress.advance(task)
+            )
 
     print_report(parity, console)
     context = report.run_context(job, spec, origin, device_name(device), str(device))
@@ -182,12 +218,16 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         "parity": parity.to_dict(),
         "parity_line": parity.verdict(),
         "bench": bench,
+        "accuracy": accuracy,
     }
     atomic_write_text(out / "schedule.json", json.dumps({**schedule.to_dict(), **model.merge_config}, indent=2))
     atomic_write_text(out / "parity.json", json.dumps({"context": context, **parity.to_dict()}, indent=2))
     if bench is not None:
         atomic_write_text(out / "bench.json", json.dumps({"context": context, **bench}, indent=2))
         report.print_bench(bench, console)
+    if accuracy is not None:
+        atomic_write_text(out / "accuracy.json", json.dumps({"context": context, **accuracy}, indent=2))
+        report.print_accuracy(accuracy, console)
     report.write_preprocessing(model, spec, out)
     atomic_write_text(out / "report.md", report.markdown(summary, spec))
     return summary

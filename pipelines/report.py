@@ -83,6 +83,14 @@ def print_bench(bench: dict, console) -> None:
     )
 
 
+def print_accuracy(accuracy: dict, console) -> None:
+    console.print(
+        f"accuracy on {accuracy['samples']} samples ({accuracy['data']}): merged {accuracy['top1_merged']:.2%}, "
+        f"unmerged {accuracy['top1_unmerged']:.2%} ({accuracy['delta_points']:+.2f} points), "
+        f"prediction agreement {accuracy['agreement']:.2%}"
+    )
+
+
 def write_preprocessing(model, spec, out: Path) -> None:
     """timm: the data config as JSON; HF: config.json (and the tokenizer when it is local)."""
     if spec.kind == "vision":
@@ -162,6 +170,21 @@ def markdown(summary: dict, spec) -> str:
             f"Speed-up merged vs unmerged: ONNX Runtime {bench['speedup_onnxruntime']:.2f}x, "
             f"PyTorch eager {bench['speedup_pytorch_eager']:.2f}x. Block FLOPs {bench['block_gflops_merged']:.2f} vs "
             f"{bench['block_gflops_unmerged']:.2f} GFLOP per item: ideal {bench['block_flop_speedup']:.2f}x.",
+            "",
+        ]
+    accuracy = summary.get("accuracy")
+    if accuracy:
+        lines += [
+            "## Accuracy (ONNX Runtime, merged vs unmerged graphs)",
+            "",
+            f"{accuracy['samples']} samples from {accuracy['data']}.",
+            "",
+            "| graph | top-1 |",
+            "|---|---:|",
+            f"| unmerged | {accuracy['top1_unmerged']:.2%} |",
+            f"| merged | {accuracy['top1_merged']:.2%} |",
+            "",
+            f"Change {accuracy['delta_points']:+.2f} points; the two graphs agree on {accuracy['agreement']:.2%} of predictions.",
             "",
         ]
     return "\n".join(lines)

@@ -203,3 +203,24 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_writes_plot_and_table(tmp_path):
+    out = tmp_path / "sweep"
+    result = cli("sweep", "test_vit", "--random-init", "--ratios", "0.95,0.9", "--algos", "pitome,tome",
+                 "--runs", "3", "--batch", "2", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "sweep.json", "tradeoff.png"]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [(p["algo"], p["ratio"]) for p in sweep["points"]] == [
+        ("pitome", 0.95), ("pitome", 0.9), ("tome", 0.95), ("tome", 0.9)
+    ]  # fmt: skip
+    assert all(p["parity_passed"] and 0 <= p["agreement"] <= 1 for p in sweep["points"])
+    assert sweep["points"][1]["schedule"] == [10, 9, 8, 7, 6, 6]
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![accuracy vs throughput](tradeoff.png)" in (out / "report.md").read_text()
+
+
+def test_sweep_bad_ratio_list(tmp_path):
+    one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be in (0, 1]")
+    one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")

@@ -90,6 +90,25 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_large_models_use_external_data(tmp_path, monkeypatch):
+    import numpy as np
+    import onnxruntime as ort
+
+    import exporter.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # treat this small model as "over 2 GB"
+    model = patch_model(small_vit("deit"), ratio=0.9)
+    path = export_onnx(model, None, tmp_path / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx.data").stat().st_size > 500_000  # the weights moved out
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    import torch
+
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
 def _graph(nodes, inputs, outputs, initializers=(), opset=20):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

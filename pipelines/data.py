@@ -1,0 +1,197 @@
+"""Labelled data for the accuracy stage: image folders, Fashion-MNIST IDX files, text CSV/JSONL.
+
+Every reader is opened and checked before any export work starts, so a missing, empty or
+malformed data set costs the user one line and exit 2, not a minute of exporting first.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ops.errors import PitomeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IDX_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataError(PitomeError):
+    """The data set is missing, empty, or not in a format we read."""
+
+
+@dataclass
+class LabelledData:
+    """Samples and labels; `load(indices)` gives model inputs as numpy arrays by input name."""
+
+    description: str
+    labels: np.ndarray
+    loader: object  # callable(list[int]) -> dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        for start in range(0, len(self), batch_size):
+            indices = list(range(start, min(start + batch_size, len(self))))
+            yield self.loader(indices), self.labels[indices]
+
+
+def _limit(items: list, limit: int | None, seed: int) -> list:
+    """A seeded sample of `limit` items (all when None), so quick runs still mix the classes."""
+    if limit is None or limit >= len(items):
+        return items
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (big-endian header, uint8 payload), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but the file holds {data.size} values")
+    return data.reshape(shape)
+
+
+def _find_idx(root: Path) -> tuple[Path, Path] | None:
+    found = []
+    for stem in IDX_TEST:
+        match = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
+        if not match:
+            return None
+        found.append(match[0])
+    return found[0], found[1]
+
+
+def open_vision_data(root: str, data_config: dict, limit: int | None = None, seed: int = 0) -> LabelledData:
+    """An ImageNet-style folder (`class/*.jpg`) or a Fashion-MNIST IDX folder (its test split).
+
+    Class folders named by integers use those integers as labels; otherwise labels are the
+    sorted folder index (the ImageNet convention for synset folders).
+    """
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    mean = np.asarray(data_config["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(data_config["std"], dtype=np.float32)[:, None, None]
+    idx = _find_idx(path)
+    if idx is not None:
+        images, labels = read_idx(idx[0]), read_idx(idx[1])
+        if len(images) != len(labels) or images.ndim != 3:
+            raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
+        if tuple(images.shape[1:]) != tuple(data_config["input_size"][1:]):
+            raise DataError(
+                f"{root}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
+                f"{data_config['input_size'][1]}x{data_config['input_size'][2]}"
+            )
+        keep = _limit(list(range(len(labels))), limit, seed)
+        images, labels = images[keep], labels[keep].astype(np.int64)
+        channels = len(data_config["mean"])
+
+        def load_idx(indices: list[int]) -> dict[str, np.ndarray]:
+            x = images[indices].astype(np.float32)[:, None] / 255.0
+            x = np.repeat(x, channels, axis=1) if channels > 1 else x
+            return {"pixel_values": ((x - mean) / std).astype(np.float32)}
+
+        return LabelledData(f"Fashion-MNIST-style IDX test split in {root}", labels, load_idx)
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} holds no class folders (class/*.jpg) and no IDX files ({', '.join(IDX_TEST)})")
+    numeric = all(name.isdigit() for name in classes)
+    samples = [
+        (file, int(name) if numeric else i)
+        for i, name in enumerate(classes)
+        for file in sorted((path / name).iterdir())
+        if file.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise DataError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    samples = _limit(samples, limit, seed)
+    from timm.data import create_transform
+
+    transform = create_transform(**data_config)
+
+    def load_images(indices: list[int]) -> dict[str, np.ndarray]:
+        from PIL import Image, UnidentifiedImageError
+
+        batch = []
+        for i in indices:
+            try:
+                with Image.open(samples[i][0]) as image:
+                    batch.append(transform(image.convert("RGB")).numpy())
+            except (UnidentifiedImageError, OSError):
+                raise DataError(f"unreadable image: {samples[i][0]}") from None
+        return {"pixel_values": np.stack(batch).astype(np.float32)}
+
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    return LabelledData(f"image folder {root} ({len(classes)} classes)", labels, load_images)
+
+
+def _read_text_rows(path: Path) -> list[dict]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
+        if not files:
+            raise DataError(f"{path} holds no .csv or .jsonl file")
+        path = files[0]
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if path.suffix == ".jsonl":
+            with open(path) as handle:
+                return [json.loads(line) for line in handle if line.strip()]
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is malformed: {exc}") from None
+
+
+def open_text_data(
+    source: str,
+    tokenizer_source: str,
+    seq_len: int,
+    input_names: tuple[str, ...],
+    limit: int | None = None,
+    seed: int = 0,
+) -> LabelledData:
+    """A CSV or JSONL file (or a folder holding one) with `text` and integer `label` fields."""
+    rows = _read_text_rows(Path(source))
+    if not rows:
+        raise DataError(f"{source} holds no rows")
+    if "text" not in rows[0] or "label" not in rows[0]:
+        raise DataError(f"{source} needs 'text' and 'label' fields, found {', '.join(rows[0])}")
+    try:
+        labels = np.asarray([int(row["label"]) for row in rows], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: labels must be integers") from None
+    keep = _limit(list(range(len(rows))), limit, seed)
+    texts, labels = [str(rows[i]["text"]) for i in keep], labels[keep]
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError):
+        raise DataError(
+            f"text data needs the model's tokenizer and none loads from {tokenizer_source}; "
+            "pass --checkpoint with a Hugging Face folder that holds one"
+        ) from None
+
+    def load_text(indices: list[int]) -> dict[str, np.ndarray]:
+        encoded = tokenizer(
+            [texts[i] for i in indices], padding="max_length", truncation=True, max_length=seq_len, return_tensors="np"
+        )
+        return {name: encoded[name].astype(np.int64) for name in input_names}
+
+    return LabelledData(f"text file {source}", labels, load_text)

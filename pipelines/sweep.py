@@ -1,0 +1,229 @@
+"""`pitome-export sweep`: a grid of algorithms x ratios, timed together, drawn as a trade-off curve.
+
+Every point is exported, checked for parity, and timed in ONE interleaved measurement with the
+unmerged baseline, so the throughput axis compares like with like. With `--data` the y axis is
+top-1 accuracy; without, it is top-1 agreement with the unmerged model on seeded inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporter.atomic import atomic_write_text
+from exporter.errors import ParityError
+from pipelines.export_job import ExportJob, open_data, prepare_output, publish
+from pipelines.models import resolve
+
+
+@dataclass
+class SweepJob(ExportJob):
+    ratios: list[float] = field(default_factory=lambda: [0.975, 0.95, 0.925, 0.9])
+    algos: list[str] = field(default_factory=lambda: ["pitome", "tome"])
+
+    def default_out(self) -> Path:
+        return Path("artifacts") / f"{self.model}-sweep"
+
+
+def run_sweep(job: SweepJob, console) -> Path:
+    spec = resolve(job.model)
+    if job.data is not None and not Path(job.data).exists():
+        from pipelines.data import DataError
+
+        raise DataError(f"data not found: {job.data}")
+    final, tmp = prepare_output(job)
+    try:
+        result = _sweep(job, spec, tmp, console)
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"[bold]Report:[/] {final / 'report.md'}  [bold]Plot:[/] {final / 'tradeoff.png'}")
+    failed = [p for p in result["points"] if not p["parity_passed"]]
+    if failed:
+        names = ", ".join(f"{p['algo']}@{p['ratio']}" for p in failed)
+        raise ParityError(f"parity FAILED for {names} (see {final / 'sweep.json'})")
+    return final
+
+
+def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
+    import torch
+    from rich.progress import Progress
+
+    from exporter.latency import time_interleaved
+    from exporter.onnx_export import export_onnx
+    from exporter.parity import TOLERANCES, check_parity, parity_feeds
+    from exporter.runners import TorchRunner, device_name, ort_runner, ort_session, torch_device
+    from exporter.signatures import signature_of
+    from ops import patch_model, unpatch_model
+    from pipelines import report
+    from pipelines.accuracy import measure_accuracy
+    from pipelines.benchmark import flops_summary
+    from pipelines.models import load_model
+
+    torch.set_num_threads(job.threads)
+    grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
+    seq_len = job.seq_len or spec.seq_len
+    text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
+    device = torch_device(job.device)
+    with Progress(console=console) as progress, tempfile.TemporaryDirectory(prefix="pitome-sweep-") as scratch:
+        task = progress.add_task("load and export the unmerged baseline", total=1)
+        model, origin = load_model(spec, job.checkpoint, job.random_init)
+        signature = signature_of(model, seq_len)
+        data = open_data(job, spec, model, seq_len, signature) if job.data else None
+        baseline = export_onnx(model, None, Path(scratch) / "unmerged.onnx", opset=job.opset, seq_len=seq_len)
+        progress.update(task, completed=1)
+        points = []
+        task = progress.add_task("export + parity per point", total=len(grid))
+        for algo, ratio in grid:
+            patch_model(model, algo=algo, ratio=ratio, prop_attn=job.prop_attn, lowering=job.lowering, **text_kwargs)
+            path = export_onnx(model, None, Path(scratch) / f"{algo}-{ratio}.onnx", opset=job.opset, seq_len=seq_len)
+            parity = check_parity(
+                TorchRunner(model, signature, str(device)), ort_runner(path, threads=job.threads),
+                parity_feeds(signature, (2,), 1, job.seed), TOLERANCES["fp32"],
+            )  # fmt: skip
+            points.append(
+                {
+                    "algo": algo,
+                    "ratio": ratio,
+                    "schedule": list(model.token_schedule.merges),
+                    "prop_attn": model.merge_config["prop_attn"],
+                    "parity_passed": parity.passed,
+                    "parity": parity.verdict(),
+                    "path": path,
+                    **flops_summary(model),
+                }
+            )
+            progress.advance(task)
+        unpatch_model(model)
+
+        feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
+        numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
+        sessions = {"unmerged": ort_session(baseline, threads=job.threads)}
+        sessions.update({f"{p['algo']}@{p['ratio']}": ort_session(p["path"], threads=job.threads) for p in points})
+        task = progress.add_task(f"latency: {len(sessions)} graphs interleaved x {job.bench_runs}", total=1)
+        stats = time_interleaved(
+            {name: (lambda s=s: s.run(None, numpy_feeds)) for name, s in sessions.items()},
+            job.bench_batch,
+            runs=job.bench_runs,
+        )
+        progress.update(task, completed=1)
+
+        task = progress.add_task("accuracy" if data else "agreement with unmerged", total=len(points))
+        check = data if data is not None else _synthetic(signature, job.seed)
+        for point in points:
+            acc = measure_accuracy(point.pop("path"), baseline, check, 32, job.threads)
+            point["top1_unmerged"] = acc["top1_unmerged"] if data is not None else None
+            point["top1"] = acc["top1_merged"] if data is not None else None
+            point["agreement"] = acc["agreement"]
+            point["latency"] = stats[f"{point['algo']}@{point['ratio']}"].to_dict()
+            point["speedup"] = stats["unmerged"].median_ms / point["latency"]["median_ms"]
+            progress.advance(task)
+
+    result = {
+        "context": report.run_context(job, spec, origin, device_name(device), str(device)),
+        "y_axis": "top-1 accuracy" if data is not None else "top-1 agreement with the unmerged model",
+        "data": data.description if data is not None else "seeded synthetic inputs",
+        "samples": len(check),
+        "unmerged": {"latency": stats["unmerged"].to_dict(), "top1": points[0]["top1_unmerged"]},
+        "points": points,
+    }
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2))
+    draw_tradeoff(result, out / "tradeoff.png")
+    atomic_write_text(out / "report.md", sweep_markdown(result))
+    _print_table(result, console)
+    return result
+
+
+def _synthetic(signature, seed: int):
+    """Seeded inputs (labels unused) for agreement when no labelled data is given."""
+    from pipelines.data import LabelledData
+
+    tensors = signature.example_inputs(64, seed=seed + 7)
+    arrays = {name: tensors[name].numpy() for name in signature.input_names}
+    return LabelledData(
+        "seeded synthetic inputs", np.zeros(64, dtype=np.int64), lambda idx: {k: v[idx] for k, v in arrays.items()}
+    )
+
+
+def draw_tradeoff(result: dict, path: Path) -> None:
+    """Accuracy (or agreement) vs throughput: one line per algorithm, the unmerged model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "top1" if result["points"][0]["top1"] is not None else "agreement"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for algo in dict.fromkeys(p["algo"] for p in result["points"]):
+        pts = [p for p in result["points"] if p["algo"] == algo]
+        ax.plot([p["latency"]["throughput"] for p in pts], [100 * p[key] for p in pts], marker="o", label=algo)
+        for p in pts:
+            ax.annotate(f"{p['ratio']:g}", (p["latency"]["throughput"], 100 * p[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    base = result["unmerged"]
+    base_y = 100 * base["top1"] if base["top1"] is not None else 100.0
+    ax.plot([base["latency"]["throughput"]], [base_y], marker="*", markersize=12, linestyle="none", label="unmerged")
+    ax.set_xlabel(f"throughput (items/s, batch {base['latency']['batch']})")
+    ax.set_ylabel(result["y_axis"] + " (%)")
+    ax.set_title(f"{result['context']['model']} ({result['context']['weights']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def sweep_markdown(result: dict) -> str:
+    ctx = result["context"]
+    lines = []
+    if ctx["weights"] == "random-init":
+        lines += ["> **RANDOM-INIT WEIGHTS**: accuracy is meaningless; agreement and latency are real.", ""]
+    lines += [
+        f"# pitome-export sweep: {ctx['model']}",
+        "",
+        f"- weights: {ctx['weights']}; command: `{ctx['command_line']}`; git {ctx['git_commit']}",
+        f"- CPU {ctx['cpu']}; threads {ctx['threads']}; y axis: {result['y_axis']} on {result['samples']} samples "
+        f"({result['data']})",
+        "- all graphs timed in one interleaved run (ONNX Runtime CPU, spinning off)",
+        "",
+        "| algo | ratio | block-FLOP speed-up | measured speed-up | median ms | items/s | top-1 | agreement | parity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    base = result["unmerged"]
+    top1 = f"{base['top1']:.2%}" if base["top1"] is not None else "-"
+    lines.append(
+        f"| unmerged | 1 | 1.00x | 1.00x | {base['latency']['median_ms']:.1f} | {base['latency']['throughput']:.1f} | "
+        f"{top1} | 100% | - |"
+    )
+    for p in result["points"]:
+        top1 = f"{p['top1']:.2%}" if p["top1"] is not None else "-"
+        lines.append(
+            f"| {p['algo']} | {p['ratio']} | {p['block_flop_speedup']:.2f}x | {p['speedup']:.2f}x | "
+            f"{p['latency']['median_ms']:.1f} | {p['latency']['throughput']:.1f} | {top1} | {p['agreement']:.2%} | "
+            f"{'PASSED' if p['parity_passed'] else 'FAILED'} |"
+        )
+    lines += ["", "![accuracy vs throughput](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def _print_table(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep: {result['y_axis']}")
+    for column in ("algo", "ratio", "FLOP x", "measured x", "items/s", "top-1", "agree", "parity"):
+        table.add_column(column, justify="right")
+    for p in result["points"]:
+        top1 = f"{p['top1']:.2%}" if p["top1"] is not None else "-"
+        table.add_row(
+            p["algo"], f"{p['ratio']}", f"{p['block_flop_speedup']:.2f}", f"{p['speedup']:.2f}",
+            f"{p['latency']['throughput']:.1f}", top1, f"{p['agreement']:.2%}", "ok" if p["parity_passed"] else "FAIL",
+        )  # fmt: skip
+    console.print(table)
