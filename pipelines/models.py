@@ -90,21 +90,59 @@ def _load_timm(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> to
     import timm
 
     kwargs = dict(spec.timm_kwargs)
+    pretrained = not (random_init or checkpoint)
+    offline = pretrained and go_offline_if_hub_unreachable()
     try:
-        model = timm.create_model(spec.source, pretrained=not (random_init or checkpoint), **kwargs)
-    except Exception as exc:  # hub errors come in many types; all mean the same to the user
+        model = timm.create_model(spec.source, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
+        reason = "the model hub is unreachable and the weights are not cached" if offline else type(exc).__name__
         raise ModelLoadError(
-            f"could not load pretrained weights for {spec.source} ({type(exc).__name__}); "
+            f"could not load pretrained weights for {spec.source} ({reason}); "
             "pass --checkpoint PATH for local weights or --random-init"
         ) from None
     if checkpoint:
         try:
             state = _read_state_dict(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip each raise their own types
+            raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {_first_line(exc)}") from None
+        try:
             model.load_state_dict(state)
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {spec.source}: {first}") from None
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {spec.source}: {_first_line(exc)}") from None
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def go_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
+    """Switch the hub clients to offline mode (cache only) when the hub's host does not resolve.
+
+    Without this, every file is retried with back-off for about half a minute before failing.
+    Returns True when offline mode was switched on.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return False
+    except OSError:
+        pass
+    finally:
+        socket.setdefaulttimeout(previous)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    return True
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -133,6 +171,8 @@ def _load_hf(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> torc
         else:
             config = _hf_call(AutoConfig.from_pretrained, source)
         return AutoModelForSequenceClassification.from_config(config)
+    if not os.path.isdir(source):
+        go_offline_if_hub_unreachable()
     config = _hf_call(AutoConfig.from_pretrained, source)
     archs = config.architectures or []
     auto = AutoModelForSequenceClassification if any("SequenceClassification" in a for a in archs) else AutoModel
@@ -143,6 +183,6 @@ def _hf_call(fn, source: str):
     try:
         return fn(source)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         hint = "" if os.path.isdir(source) else "; pass --checkpoint FOLDER for a local model or --random-init"
         raise ModelLoadError(f"could not load {source}: {first}{hint}") from None

@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
+def cli(*args: str, timeout: float = 300, cwd: Path | None = None, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160", **env_extra}
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
         capture_output=True,
@@ -107,6 +107,23 @@ def test_mismatched_checkpoint_is_exit_2(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(path))
     one_line_error(cli("test_vit", "--checkpoint", str(path), "-o", str(tmp_path / "o")), 2, "does not fit test_vit")
     assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_checkpoint_is_exit_2(tmp_path):
+    for name in ("w.safetensors", "w.pth"):
+        (tmp_path / name).write_bytes(os.urandom(200))
+        one_line_error(
+            cli("test_vit", "--checkpoint", str(tmp_path / name), "-o", str(tmp_path / "o")),
+            2,
+            "cannot read checkpoint",
+        )
+
+
+def test_unreachable_hub_fails_fast_with_a_hint(tmp_path):
+    start = time.perf_counter()
+    result = cli("test_vit", "-o", str(tmp_path / "o"), HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
+    one_line_error(result, 2, "--checkpoint PATH for local weights or --random-init")
+    assert "unreachable" in result.stderr and time.perf_counter() - start < 30
 
 
 def test_trt_without_tensorrt_fails_fast_with_exit_4(tmp_path):
