@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-heavy lint demo clean
+.PHONY: install optimum-site test test-heavy lint demo clean
 
 $(BIN)/pitome-export: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,7 +11,14 @@ $(BIN)/pitome-export: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/pitome-export
+install: $(BIN)/pitome-export optimum-site
+
+# optimum-onnx (ORTModel*) needs transformers < 4.58; it goes to a side folder used by one test only.
+optimum-site: .optimum-site/.done
+.optimum-site/.done: tests/optimum/requirements.txt $(BIN)/pitome-export
+	rm -rf .optimum-site
+	$(BIN)/pip install -q --no-deps --target .optimum-site -r tests/optimum/requirements.txt
+	@touch $@
 
 test: install
 	$(BIN)/pytest -q
@@ -28,4 +35,4 @@ demo: install
 	$(BIN)/pitome-export deit_small --random-init --ratio 0.9 --target onnx --force
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache .optimum-site

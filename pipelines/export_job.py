@@ -184,6 +184,10 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         device = torch_device(job.device)
         batches = (2,) if job.static_batch else job.parity_batches
         feeds = parity_feeds(signature, batches, seed=job.seed)
+        if data is not None:  # real inputs too: up to two full batches at a size the graph takes
+            size = 2 if job.static_batch else 4
+            real = data.batches(size)
+            feeds += [next(real)[0] for _ in range(min(2, len(data) // size))]
         parity = check_parity(
             TorchRunner(model, signature, str(device)), ort_runner(onnx_path, threads=job.threads), feeds,
             TOLERANCES["fp32"],

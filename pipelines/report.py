@@ -97,7 +97,7 @@ def write_preprocessing(model, spec, out: Path) -> None:
         from timm.data import resolve_data_config
 
         config = resolve_data_config({}, model=model)
-        atomic_write_text(out / "preprocessor_config.json", json.dumps(config, indent=2, default=list))
+        atomic_write_text(out / "data_config.json", json.dumps(config, indent=2, default=list))
         return
     config = getattr(model, "config", None)
     if config is not None:

@@ -21,3 +21,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "heavy" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def text_model_folder(tmp_path):
+    """A small BERT classifier with its own WordPiece tokenizer, saved like a Hugging Face folder."""
+    from transformers import BertTokenizerFast
+
+    from tests.models import small_text
+
+    folder = tmp_path / "bert_small"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "a", "very", "plot", "the"]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    small_text("bert").save_pretrained(folder)
+    return folder

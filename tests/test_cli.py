@@ -12,27 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, timeout: float = 300, cwd: Path | None = None, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160", **env_extra}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-    )
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int, fragment: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 or lines[0].startswith("usage:"), result.stderr  # argparse adds its usage line
-    assert "Traceback" not in result.stderr
-    assert fragment in result.stderr, result.stderr
+from tests.cli_helpers import ROOT, cli, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +140,7 @@ def test_full_job_writes_complete_folder(tmp_path, checkpoint):
                  "--batch", "2", "--runs", "3", "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        "bench.json",
-        "model.onnx",
-        "parity.json",
-        "preprocessor_config.json",
-        "report.md",
-        "schedule.json",
-    ]
+    assert names == ["bench.json", "data_config.json", "model.onnx", "parity.json", "report.md", "schedule.json"]
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and parity["context"]["weights"] == f"checkpoint {checkpoint}"
     bench = json.loads((out / "bench.json").read_text())
@@ -181,7 +154,7 @@ def test_full_job_writes_complete_folder(tmp_path, checkpoint):
     report = (out / "report.md").read_text()
     assert report.startswith("# pitome-export report: test_vit") and "PASSED" in report
     assert "schedule r = 10,9,8,7,6,6" in result.stdout
-    assert json.loads((out / "preprocessor_config.json").read_text())["input_size"] == [3, 160, 160]
+    assert json.loads((out / "data_config.json").read_text())["input_size"] == [3, 160, 160]
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp folder left beside it
     inspected = cli("inspect", str(out / "model.onnx"))
     assert inspected.returncode == 0 and "TensorRT compatible: yes" in inspected.stdout

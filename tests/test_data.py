@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.data import DataError, open_text_data, open_vision_data, read_idx
-from tests.test_cli import cli, one_line_error
+from tests.cli_helpers import cli, one_line_error
 
 FMNIST_CONFIG = {"input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,)}
 
@@ -84,22 +84,6 @@ def image_folder(tmp_path):
     return tmp_path / "images"
 
 
-@pytest.fixture
-def text_model_folder(tmp_path):
-    """A small BERT classifier with its own WordPiece tokenizer, saved like a Hugging Face folder."""
-    from transformers import BertTokenizerFast
-
-    from tests.models import small_text
-
-    folder = tmp_path / "bert_small"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "a", "very", "plot", "the"]
-    folder.mkdir()
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    small_text("bert").save_pretrained(folder)
-    return folder
-
-
 def test_text_csv_and_jsonl(tmp_path, text_model_folder):
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("text,label\na very good film,1\nthe bad plot,0\n")
@@ -138,6 +122,8 @@ def test_accuracy_stage_vision(tmp_path, image_folder):
     assert accuracy["samples"] == 6 and 0.0 <= accuracy["top1_merged"] <= 1.0
     assert accuracy["agreement"] >= 0.0 and "image folder" in accuracy["data"]
     assert "## Accuracy" in (out / "report.md").read_text()
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["samples"] == 10 + 4  # synthetic batches of 1 and 4, plus one real batch of 4
 
 
 def test_accuracy_stage_text_and_hf_folder(tmp_path, text_model_folder):
