@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install optimum-site test test-heavy lint demo clean
+.PHONY: install optimum-site test test-heavy lint demo bench bench-full clean
 
 $(BIN)/pitome-export: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,12 +27,19 @@ test-heavy: install
 	PITOME_HEAVY=1 $(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check ops exporter pipelines tests
-	$(BIN)/ruff format --check ops exporter pipelines tests
+	$(BIN)/ruff check ops exporter pipelines tests benchmarks
+	$(BIN)/ruff format --check ops exporter pipelines tests benchmarks
 
 # The main job on a default that works offline: random-init DeiT-S, PiToMe at 0.9, to ONNX.
 demo: install
 	$(BIN)/pitome-export deit_small --random-init --ratio 0.9 --target onnx --force
+
+# Latency harness: quick (< 10 min on 2 cores) and the full grid recorded in benchmarks/results/full.
+bench: install
+	$(BIN)/python -m benchmarks.latency --quick
+
+bench-full: install
+	$(BIN)/python -m benchmarks.latency
 
 clean:
 	rm -rf artifacts .pytest_cache .optimum-site

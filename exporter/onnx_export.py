@@ -7,6 +7,7 @@ and versions in `metadata_props`, and written atomically.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -122,11 +123,45 @@ def export_onnx(
             proto = _trace(ExportWrapper(model, sig), inputs, sig, opset, dynamic_batch)
     finally:
         model.train(was_training)
+    scope_merge_nodes(proto)
     for key, value in export_metadata(model, opset, dynamic_batch).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "pitome-export"
     return save_onnx(proto, path)
+
+
+MERGE_PARTS = ("assign", "combine")
+
+
+def _merge_scope(node: onnx.NodeProto) -> str | None:
+    """The innermost `...token_merge(s.N).assign|combine` scope a node was traced in, if any."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            for scope in reversed(scopes):
+                if scope.rsplit(".", 1)[-1] in MERGE_PARTS and ".token_merge" in scope:
+                    return scope.removeprefix("model.")
+    return None
+
+
+def scope_merge_nodes(proto: onnx.ModelProto) -> None:
+    """Prefix the merge's node names with their module scope (`blocks.3.token_merge.assign/...`).
+
+    Reduced-precision passes keep the decision nodes in FP32 by this name, a lookup rather than
+    a guess at which MatMul computes a similarity.
+    """
+    for node in proto.graph.node:
+        scope = _merge_scope(node)
+        if scope is not None:
+            node.name = f"{scope}/{node.name}"
+
+
+def merge_node_part(name: str) -> str | None:
+    """ "assign", "combine" or None for a node name written by `scope_merge_nodes`."""
+    scope = name.split("/", 1)[0] if "/" in name else ""
+    part = scope.rsplit(".", 1)[-1]
+    return part if part in MERGE_PARTS and ".token_merge" in scope else None
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:

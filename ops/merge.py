@@ -225,22 +225,14 @@ def size_weighted_merge(
     raise ValueError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
 
 
-def merge_step(
-    x: torch.Tensor,
-    size: torch.Tensor,
-    metric: torch.Tensor,
-    step: MergeStep,
-    num_prefix: int,
-    valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply one layer's merge to `x [B, N, C]` with `size [B, N, 1]`.
+def merge_assignment(
+    metric: torch.Tensor, step: MergeStep, num_prefix: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Slots `[B, N]` for all N tokens (prefix tokens keep theirs, first) and the output count.
 
-    `metric [B, N, d]` covers all N tokens; the first `num_prefix` are never merged and stay
-    first. `valid [B, N]` (text: 1 real, 0 padding) is required by `pitome_text` and makes
-    `tome` padding-safe. Returns `(x, size)` with N - r tokens.
+    `metric [B, N, d]` covers all N tokens; `valid [B, N]` (text: 1 real, 0 padding) is required
+    by `pitome_text` and makes `tome` padding-safe.
     """
-    if step.r == 0:
-        return x, size
     patch_metric = metric[:, num_prefix:]
     patch_valid = None if valid is None else valid[:, num_prefix:]
     if step.kind == "tome":
@@ -249,6 +241,47 @@ def merge_step(
         dst, n_out = pitome_text_assignment(patch_metric, step.r, step.margin, patch_valid)
     else:
         dst, n_out = pitome_assignment(patch_metric, step.r, step.margin, bsm=step.kind == "pitome_bsm")
-    prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
-    dst = torch.cat([prefix, dst + num_prefix], dim=1)
-    return size_weighted_merge(x, size, dst, n_out + num_prefix, step.lowering)
+    prefix = torch.arange(num_prefix, device=metric.device).expand(metric.shape[0], -1)
+    return torch.cat([prefix, dst + num_prefix], dim=1), n_out + num_prefix
+
+
+class _Assign(torch.nn.Module):
+    def __init__(self, step: MergeStep, num_prefix: int) -> None:
+        super().__init__()
+        self.step, self.num_prefix = step, num_prefix
+
+    def forward(self, metric: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return merge_assignment(metric, self.step, self.num_prefix, valid)
+
+
+class _Combine(torch.nn.Module):
+    def __init__(self, lowering: str) -> None:
+        super().__init__()
+        self.lowering = lowering
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, n_out: int):
+        return size_weighted_merge(x, size, dst, n_out, self.lowering)
+
+
+class TokenMerge(torch.nn.Module):
+    """One layer's merge as modules, so that an exported graph names its parts by scope.
+
+    `assign` holds every decision (similarity, energy, ranking, matching) and `combine` the
+    size-weighted mean; export prefixes their nodes with `<module path>.assign/` and
+    `.combine/`, which is how reduced-precision passes find the nodes to keep in FP32.
+    """
+
+    def __init__(self, step: MergeStep, num_prefix: int) -> None:
+        super().__init__()
+        self.step = step
+        self.assign = _Assign(step, num_prefix)
+        self.combine = _Combine(step.lowering)
+
+    def forward(
+        self, x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x [B, N, C]`, `size [B, N, 1]` -> N - r tokens; prefix tokens stay first, untouched."""
+        if self.step.r == 0:
+            return x, size
+        dst, n_out = self.assign(metric, valid)
+        return self.combine(x, size, dst, n_out)

@@ -164,3 +164,20 @@ def test_trt_check_data_dependent_shape():
     from_shape = helper.make_node("Shape", ["x"], ["s"], name="shape")
     model = _graph([from_shape, first_two, reshape], [X], [Y], consts)
     assert _reasons(model) == []
+
+
+def test_merge_nodes_carry_their_scope(vision_export):
+    from collections import Counter
+
+    from exporter.onnx_export import merge_node_part
+
+    _, path = vision_export
+    nodes = onnx.load(path).graph.node
+    parts = Counter((merge_node_part(n.name), n.name.split("/")[0]) for n in nodes if merge_node_part(n.name))
+    for block in range(4):
+        assert parts[("assign", f"blocks.{block}.token_merge.assign")] > 10
+        assert parts[("combine", f"blocks.{block}.token_merge.combine")] > 0
+    # every ranking and matching op is in an assign scope; the weighted mean's MatMuls in combine
+    assert all(merge_node_part(n.name) == "assign" for n in nodes if n.op_type in ("TopK", "ArgMax", "Elu"))
+    combine_ops = {n.op_type for n in nodes if merge_node_part(n.name) == "combine"}
+    assert "MatMul" in combine_ops and "TopK" not in combine_ops

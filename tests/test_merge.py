@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from ops.merge import (
     MergeStep,
+    TokenMerge,
     descending_rank,
-    merge_step,
     pitome_assignment,
     pitome_energy,
     size_weighted_merge,
@@ -49,7 +49,7 @@ def test_descending_rank_all_equal_is_identity():
 def test_lowerings_agree_and_size_is_conserved(kind, batch, tokens, prefix, frac, seed, sizes):
     r = int(tokens * frac)
     x, size, metric = _inputs(batch, tokens + prefix, 8, 6, seed, sizes)
-    outs = {low: merge_step(x, size, metric, MergeStep(kind, r, 0.5, low), prefix) for low in ("matmul", "scatter")}
+    outs = {low: TokenMerge(MergeStep(kind, r, 0.5, low), prefix)(x, size, metric) for low in ("matmul", "scatter")}
     (xm, sm), (xs, ss) = outs["matmul"], outs["scatter"]
     assert xm.shape == (batch, tokens + prefix - r, 8)
     torch.testing.assert_close(xm, xs, atol=1e-6, rtol=1e-6)
@@ -127,14 +127,14 @@ def test_text_padding_never_merges_into_real_tokens():
     valid = torch.ones(1, 20)
     valid[0, 14:] = 0
     for kind in ("pitome_text", "tome"):
-        out, out_size = merge_step(x, valid[..., None], metric, MergeStep(kind, 5, 0.9), 1, valid=valid)
+        out, out_size = TokenMerge(MergeStep(kind, 5, 0.9), 1)(x, valid[..., None], metric, valid)
         # real tokens keep their total size; padding contributes nothing anywhere
         assert out_size.sum() == 14
         metric2 = metric.clone()
         metric2[0, 14:] = torch.randn(6, 6)
         x2 = x.clone()
         x2[0, 14:] = 100.0
-        out2, out_size2 = merge_step(x2, valid[..., None], metric2, MergeStep(kind, 5, 0.9), 1, valid=valid)
+        out2, out_size2 = TokenMerge(MergeStep(kind, 5, 0.9), 1)(x2, valid[..., None], metric2, valid)
         real = out_size[0, :, 0] > 0
         assert torch.equal(out[0, real], out2[0, real])
         assert torch.equal(out_size, out_size2)

@@ -53,7 +53,7 @@ def test_reference_layer_choices():
     assert mae.merge_config["steps"] == ["pitome"] * 3 + ["pitome_bsm"] * 3
     tome = patch_model(small_vit("deit"), algo="tome", ratio=0.9)
     assert tome.merge_config["prop_attn"] is True
-    assert [b.merge_cfg.margin for b in deit.blocks] == [0.75 - 0.75 * i / 6 for i in range(6)]
+    assert [b.token_merge.step.margin for b in deit.blocks] == [0.75 - 0.75 * i / 6 for i in range(6)]
 
 
 def test_prop_attn_changes_the_output():
@@ -80,6 +80,7 @@ def test_repatch_and_unpatch_restore():
         unpatch_model(model)
         assert type(model).__name__ == "VisionTransformerDistilled"
         assert not hasattr(model, "token_schedule")
+        assert not any(type(m).__name__ == "TokenMerge" for m in model.modules())
         assert torch.equal(model(x), reference)
 
 

@@ -33,10 +33,12 @@ def _family(model: torch.nn.Module) -> str:
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the original classes of a patched model (no-op on an unpatched one)."""
-    for module in model.modules():
+    for module in list(model.modules()):
         original = module.__dict__.pop("_pitome_original_class", None)
         if original is not None:
             module.__class__ = original
+        for name in module.__dict__.pop("_pitome_added", ()):
+            delattr(module, name)
     model.__dict__.pop("token_schedule", None)
     model.__dict__.pop("merge_config", None)
     return model

@@ -15,7 +15,7 @@ from transformers import BertModel, DistilBertModel
 from transformers.utils import ModelOutput
 
 from ops.errors import UnsupportedModelError
-from ops.merge import MergeStep, merge_step
+from ops.merge import MergeStep, TokenMerge
 from ops.schedule import TokenSchedule
 
 MERGE_LAYERS = (0, 1, 2)  # the reference merges in the first three layers only
@@ -84,7 +84,7 @@ def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class MergingTextEncoder(torch.nn.Module):
     """Forward of a merging BERT/DistilBERT base model; mixed into the model's own class."""
 
-    merge_steps: tuple[MergeStep, ...]
+    token_merges: torch.nn.ModuleList
     padding_safe: bool
     frozen_seq_len: int
     text_family: TextFamily
@@ -109,9 +109,9 @@ class MergingTextEncoder(torch.nn.Module):
         hidden = fam.embed(self, input_ids, token_type_ids, position_ids)
         valid = hidden.new_ones(hidden.shape[:2]) if attention_mask is None else attention_mask.to(hidden.dtype)
         heads = self.config.num_attention_heads
-        for layer, step in zip(fam.layers(self), self.merge_steps):
+        for layer, token_merge in zip(fam.layers(self), self.token_merges):
             mask = additive_mask(valid, hidden.dtype)
-            if step.r == 0:
+            if token_merge.step.r == 0:
                 hidden = layer(hidden, mask)
                 continue
             attn_out = fam.attention(layer, hidden, mask)
@@ -121,13 +121,8 @@ class MergingTextEncoder(torch.nn.Module):
             weights = valid if self.padding_safe else torch.ones_like(valid)
             # The mask rides along as one more channel: its size-weighted mean is > 0 exactly
             # when the group holds a real token, i.e. the max-merge of the mask.
-            merged, _ = merge_step(
-                torch.cat([attn_out, valid[..., None]], dim=-1),
-                weights[..., None],
-                metric,
-                step,
-                num_prefix=1,
-                valid=weights,
+            merged, _ = token_merge(
+                torch.cat([attn_out, valid[..., None]], dim=-1), weights[..., None], metric, valid=weights
             )
             attn_out, valid = merged[..., :-1], (merged[..., -1] > 0).to(hidden.dtype)
             hidden = fam.feed_forward(layer, attn_out)
@@ -167,7 +162,8 @@ def patch(model: torch.nn.Module, steps: list[MergeStep], padding_safe: bool, se
     original = type(base)
     base._pitome_original_class = original
     base.__class__ = type(f"Merging{original.__name__}", (MergingTextEncoder, original), {})
-    base.merge_steps = tuple(steps)
+    base.token_merges = torch.nn.ModuleList(TokenMerge(step, 1) for step in steps)
+    base._pitome_added = ("token_merges",)
     base.padding_safe = padding_safe
     base.frozen_seq_len = seq_len
     base.text_family = family_of(base)

@@ -16,7 +16,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ops.errors import UnsupportedModelError
-from ops.merge import MergeStep, merge_step
+from ops.merge import MergeStep, TokenMerge
 from ops.schedule import TokenSchedule
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -40,16 +40,15 @@ class MergingAttention(Attention):
 
 
 class MergingBlock(Block):
-    """timm Block that merges tokens between attention and MLP by its frozen `merge_cfg`."""
+    """timm Block that merges tokens between attention and MLP with its frozen `token_merge`."""
 
-    merge_cfg: MergeStep
+    token_merge: TokenMerge
     prop_attn: bool
-    num_prefix: int
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn_out, keys = self.attn(self.norm1(x), size if self.prop_attn else None)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, size = merge_step(x, size, keys, self.merge_cfg, self.num_prefix)
+        x, size = self.token_merge(x, size, keys)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size
 
@@ -133,9 +132,9 @@ def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool) -> No
     for block, step in zip(model.blocks, steps):
         _swap_class(block, MergingBlock)
         _swap_class(block.attn, MergingAttention)
-        block.merge_cfg = step
+        block.token_merge = TokenMerge(step, model.num_prefix_tokens)
+        block._pitome_added = ("token_merge",)
         block.prop_attn = prop_attn
-        block.num_prefix = model.num_prefix_tokens
 
 
 def modules_to_restore(model: torch.nn.Module) -> list[torch.nn.Module]:

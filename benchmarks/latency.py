@@ -1,0 +1,185 @@
+"""Latency harness: merged (PiToMe, ToMe) vs unmerged, ONNX Runtime CPU and PyTorch eager.
+
+    python -m benchmarks.latency --quick      # make bench: deit_small and bert_base, a few minutes
+    python -m benchmarks.latency              # the full grid recorded in benchmarks/results/
+
+For each model and batch size, every candidate (the unmerged graph and each algo x ratio) is
+timed in ONE interleaved run after warm-up, threads fixed, ORT spinning off; the table shows
+median and p90, the measured speed-up over unmerged beside the block-FLOP ideal, and, for the
+PiToMe graph at the first ratio, the merge's share of ONNX Runtime kernel time (profiled).
+Weights are random (hubs are unreachable here): latency does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    ratios: tuple[float, ...]
+    batches: tuple[int, ...]
+    seq_len: int | None = None
+
+
+FULL = (
+    Case("deit_tiny", (0.975, 0.95, 0.925, 0.9), (1, 8)),
+    Case("deit_small", (0.975, 0.95, 0.925, 0.9), (1, 8)),
+    Case("deit_base", (0.975, 0.95, 0.925, 0.9), (1, 8)),
+    Case("bert_base", (0.9, 0.7, 0.55), (1, 8), seq_len=128),
+    Case("bert_base", (0.9, 0.7, 0.55), (1, 8), seq_len=256),
+)
+QUICK = (Case("deit_small", (0.9,), (8,)), Case("bert_base", (0.7,), (8,), seq_len=128))
+ALGOS = ("pitome", "tome")
+
+
+def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[dict]:
+    """Every batch size of one model: export each variant once, time them interleaved."""
+    from exporter.latency import time_interleaved
+    from exporter.onnx_export import export_onnx
+    from exporter.profiling import profile_ort
+    from exporter.runners import ort_session
+    from exporter.signatures import ExportWrapper, signature_of
+    from ops import patch_model, unpatch_model
+    from pipelines.benchmark import flops_summary
+    from pipelines.models import load_model, resolve
+
+    spec = resolve(case.model)
+    model, _ = load_model(spec, random_init=True)
+    text = {"seq_len": case.seq_len} if spec.kind == "text" else {}
+    signature = signature_of(model, case.seq_len)
+    graphs = {"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)}
+    flops = {"unmerged": 1.0}
+    eager = {"unmerged": ExportWrapper(model, signature).eval()}
+    for algo in ALGOS:
+        for ratio in case.ratios:
+            name = f"{algo}@{ratio}"
+            log(f"  export {case.model} {name}")
+            merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
+            graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
+            flops[name] = flops_summary(merged)["block_flop_speedup"]
+            if algo == "pitome" and ratio == case.ratios[-1]:
+                eager[name] = ExportWrapper(merged, signature).eval()
+    unpatch_model(model)
+    rows = []
+    for batch in case.batches:
+        feeds = signature.example_inputs(batch, seed=0)
+        arrays = {k: v.numpy() for k, v in feeds.items()}
+        inputs = tuple(feeds[name] for name in signature.input_names)
+        sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
+        candidates = {f"ort {n}": (lambda s=s: s.run(None, arrays)) for n, s in sessions.items()}
+        for name, module in eager.items():
+            candidates[f"eager {name}"] = lambda m=module: _eager(m, inputs)
+        log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
+        stats = time_interleaved(candidates, batch, runs=runs)
+        pitome_last = f"pitome@{case.ratios[-1]}"
+        profile = profile_ort(graphs[pitome_last], arrays, runs=5, threads=threads)
+        for label, s in stats.items():
+            backend, name = label.split(" ", 1)
+            base = stats[f"{backend} unmerged"]
+            rows.append(
+                {
+                    "model": case.model + (f" (seq {case.seq_len})" if case.seq_len else ""),
+                    "backend": "onnxruntime-cpu" if backend == "ort" else "pytorch-eager",
+                    "candidate": name,
+                    "batch": batch,
+                    "median_ms": s.median_ms,
+                    "p90_ms": s.p90_ms,
+                    "min_ms": s.min_ms,
+                    "cv": s.cv,
+                    "speedup": base.median_ms / s.median_ms,
+                    "speedup_min": base.min_ms / s.min_ms,
+                    "block_flop_ideal": flops[name],
+                    "merge_share": profile["merge_share"] if (backend == "ort" and name == pitome_last) else None,
+                }
+            )
+    return rows
+
+
+def _eager(module: torch.nn.Module, inputs: tuple) -> None:
+    with torch.no_grad():
+        module(*inputs)
+
+
+def environment(threads: int) -> dict:
+    from exporter.onnx_export import package_versions
+    from exporter.runners import cpu_name
+
+    return {"python": platform.python_version(), **package_versions(), "cpu": cpu_name(), "threads": threads}
+
+
+def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
+    lines = [
+        "# Latency: merged vs unmerged",
+        "",
+        f"`{command}` ({seconds / 60:.1f} min). Random-init weights (latency does not depend on them).",
+        f"CPU {env['cpu']}, {env['threads']} threads (torch and ONNX Runtime intra-op), ORT spinning off; "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("cpu", "threads")),
+        "",
+        "Candidates of one model and batch size were timed in one interleaved run (median and p90 of the",
+        "runs after warm-up); speed-up = unmerged median / candidate median on the same backend, next to",
+        "the block-FLOP ideal from the schedule (attention at the tokens entering a block, MLP after its",
+        "merge). `merge share` = the merge subgraph's share of ORT kernel time, profiled.",
+        "",
+        "| model | backend | candidate | batch | median ms | p90 ms | cv | speed-up | (by min) | FLOP ideal | merge share |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = f"{r['merge_share']:.1%}" if r["merge_share"] is not None else ""
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['candidate']} | {r['batch']} | {r['median_ms']:.1f} | "
+            f"{r['p90_ms']:.1f} | {r['cv']:.1%} | {r['speedup']:.2f}x | {r['speedup_min']:.2f}x | "
+            f"{r['block_flop_ideal']:.2f}x | {share} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="deit_small b8 r0.9 and bert_base seq128 b8 r0.7")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="folder for latency.md/.json (default results/)")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    from exporter.atomic import atomic_write_text
+
+    console = Console()
+    torch.set_num_threads(args.threads)
+    cases = QUICK if args.quick else FULL
+    out = args.out or (RESULTS / ("quick" if args.quick else "full"))
+    start = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="pitome-bench-") as scratch:
+        for i, case in enumerate(cases):
+            folder = Path(scratch) / str(i)
+            folder.mkdir()
+            rows += run_case(case, args.runs, args.threads, folder, console.print)
+    env = environment(args.threads)
+    command = shlex.join(["python", "-m", "benchmarks.latency", *(argv if argv is not None else sys.argv[1:])])
+    text = markdown(rows, env, command, time.perf_counter() - start)
+    atomic_write_text(out / "latency.md", text)
+    atomic_write_text(
+        out / "latency.json", json.dumps({"command": command, "environment": env, "rows": rows}, indent=2)
+    )
+    console.print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
