@@ -81,9 +81,9 @@ def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[di
         arrays = {k: v.numpy() for k, v in feeds.items()}
         inputs = tuple(feeds[name] for name in signature.input_names)
         sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
-        candidates = {f"ort {n}": (lambda s=s: s.run(None, arrays)) for n, s in sessions.items()}
+        candidates = {f"ort {n}": (lambda s=s, a=arrays: s.run(None, a)) for n, s in sessions.items()}
         for name, module in eager.items():
-            candidates[f"eager {name}"] = lambda m=module: _eager(m, inputs)
+            candidates[f"eager {name}"] = lambda m=module, i=inputs: _eager(m, i)
         log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
         stats = time_interleaved(candidates, batch, runs=runs)
         pitome_last = f"pitome@{case.ratios[-1]}"
