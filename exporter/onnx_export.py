@@ -72,7 +72,12 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
 
 
 def _trace(
-    wrapper: torch.nn.Module, inputs: tuple[torch.Tensor, ...], sig: ModelSignature, opset: int, dynamic_batch: bool
+    wrapper: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    sig: ModelSignature,
+    output_names: list[str],
+    opset: int,
+    dynamic_batch: bool,
 ) -> onnx.ModelProto:
     dynamic_shapes = None
     if dynamic_batch:
@@ -86,7 +91,7 @@ def _trace(
             wrapper,
             inputs,
             input_names=list(sig.input_names),
-            output_names=list(sig.output_names),
+            output_names=output_names,
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
@@ -104,12 +109,14 @@ def export_onnx(
     lowering: str | None = None,
     dynamic_batch: bool = True,
     seq_len: int | None = None,
+    decisions: bool = False,
 ) -> Path:
     """Export `model` (patched or not) to ONNX at `path` and return the path.
 
     `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` re-patches the
     model with that merge lowering first (same schedule). Names follow Optimum: `pixel_values`
-    -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`.
+    -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
+    each merging layer's token slots as outputs `slots_<layer>` (a debug graph, never shipped).
     """
     if lowering is not None and getattr(model, "merge_config", {}).get("lowering", lowering) != lowering:
         repatch(model, lowering=lowering)
@@ -118,9 +125,14 @@ def export_onnx(
     inputs = tuple(feeds[name] for name in sig.input_names)
     was_training = model.training
     model.eval()
+    wrapper, names = ExportWrapper(model, sig), list(sig.output_names)
+    if decisions:
+        from exporter.decisions import DecisionWrapper, decision_output_names
+
+        wrapper, names = DecisionWrapper(model, sig), names + decision_output_names(model)
     try:
         with torch.no_grad():
-            proto = _trace(ExportWrapper(model, sig), inputs, sig, opset, dynamic_batch)
+            proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch)
     finally:
         model.train(was_training)
     scope_merge_nodes(proto)

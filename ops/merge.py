@@ -245,7 +245,9 @@ def merge_assignment(
     return torch.cat([prefix, dst + num_prefix], dim=1), n_out + num_prefix
 
 
-class _Assign(torch.nn.Module):
+class MergeAssign(torch.nn.Module):
+    """The decision half of a merge: similarity, energy, ranking and matching -> slots."""
+
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
         super().__init__()
         self.step, self.num_prefix = step, num_prefix
@@ -254,7 +256,9 @@ class _Assign(torch.nn.Module):
         return merge_assignment(metric, self.step, self.num_prefix, valid)
 
 
-class _Combine(torch.nn.Module):
+class MergeCombine(torch.nn.Module):
+    """The arithmetic half of a merge: the size-weighted mean of each slot's tokens."""
+
     def __init__(self, lowering: str) -> None:
         super().__init__()
         self.lowering = lowering
@@ -274,8 +278,8 @@ class TokenMerge(torch.nn.Module):
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
         super().__init__()
         self.step = step
-        self.assign = _Assign(step, num_prefix)
-        self.combine = _Combine(step.lowering)
+        self.assign = MergeAssign(step, num_prefix)
+        self.combine = MergeCombine(step.lowering)
 
     def forward(
         self, x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor | None = None

@@ -9,6 +9,8 @@ pitome-export env
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -159,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, console)
     except KeyboardInterrupt:
-        print("pitome-export: interrupted; nothing partial was left behind", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        # Cleanup has run (temporary folders are removed as the interrupt unwinds). Leave at once,
+        # ignoring further interrupts: a second one during interpreter shutdown (library threads
+        # being joined) would otherwise end the process by signal instead of with code 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("pitome-export: interrupted; nothing partial was left behind", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the CLI edge: one line per known error, else re-raise
         code = _exit_code(exc)
         if code is None:

@@ -140,8 +140,8 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from exporter.onnx_export import export_onnx
-    from exporter.parity import TOLERANCES, check_parity, parity_feeds, print_report
-    from exporter.runners import TorchRunner, device_name, ort_runner, torch_device
+    from exporter.parity import TOLERANCES, parity_feeds, print_report, verify_export
+    from exporter.runners import device_name, torch_device
     from exporter.signatures import signature_of
     from ops import patch_model, unpatch_model
     from pipelines import report
@@ -188,10 +188,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             size = 2 if job.static_batch else 4
             real = data.batches(size)
             feeds += [next(real)[0] for _ in range(min(2, len(data) // size))]
-        parity = check_parity(
-            TorchRunner(model, signature, str(device)), ort_runner(onnx_path, threads=job.threads), feeds,
-            TOLERANCES["fp32"],
-        )  # fmt: skip
+        parity = verify_export(model, signature, onnx_path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
         parity.schedule = schedule.to_dict()
         progress.update(task, completed=1)
 

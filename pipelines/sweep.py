@@ -57,8 +57,8 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
 
     from exporter.latency import time_interleaved
     from exporter.onnx_export import export_onnx
-    from exporter.parity import TOLERANCES, check_parity, parity_feeds
-    from exporter.runners import TorchRunner, device_name, ort_runner, ort_session, torch_device
+    from exporter.parity import TOLERANCES, parity_feeds, verify_export
+    from exporter.runners import device_name, ort_session, torch_device
     from exporter.signatures import signature_of
     from ops import patch_model, unpatch_model
     from pipelines import report
@@ -83,10 +83,8 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
         for algo, ratio in grid:
             patch_model(model, algo=algo, ratio=ratio, prop_attn=job.prop_attn, lowering=job.lowering, **text_kwargs)
             path = export_onnx(model, None, Path(scratch) / f"{algo}-{ratio}.onnx", opset=job.opset, seq_len=seq_len)
-            parity = check_parity(
-                TorchRunner(model, signature, str(device)), ort_runner(path, threads=job.threads),
-                parity_feeds(signature, (2,), 1, job.seed), TOLERANCES["fp32"],
-            )  # fmt: skip
+            feeds = parity_feeds(signature, (2,), 1, job.seed)
+            parity = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
             points.append(
                 {
                     "algo": algo,

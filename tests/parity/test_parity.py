@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
+import torch
 
 from exporter.onnx_export import export_onnx
-from exporter.parity import TOLERANCES, check_parity, parity_feeds
-from exporter.runners import TorchRunner, ort_runner
+from exporter.parity import TOLERANCES, parity_feeds, verify_export
 from exporter.signatures import signature_of
 from ops import patch_model
 from tests.models import small_text, small_vit
@@ -49,7 +50,7 @@ def run_parity(model, path):
     export_onnx(model, None, path)
     signature = signature_of(model)
     feeds = parity_feeds(signature, batch_sizes=(1, 4), batches_per_size=2)
-    return check_parity(TorchRunner(model, signature, "cpu"), ort_runner(path, threads=2), feeds, TOLERANCES["fp32"])
+    return verify_export(model, signature, path, feeds, TOLERANCES["fp32"], torch.device("cpu"), threads=2)
 
 
 GRID = list(itertools.product(MODELS, ALGOS, SCHEDULES, LOWERINGS))
@@ -65,14 +66,54 @@ def test_onnx_matches_pytorch(tmp_path, model_name, algo, schedule, lowering):
     assert report.samples == 10 and report.batch_sizes == [1, 4]
     (logits,) = report.outputs
     assert report.passed, report.verdict()
-    assert logits.top1_agreement == 1.0 and logits.min_cosine > 0.99999
+    assert logits.top1_agreement == 1.0
+    if report.decisions is None:  # no near-tie broken differently: the outputs agree directly
+        assert logits.min_cosine > 0.99999
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("algo", ALGOS)
-def test_full_size_deit_tiny(tmp_path, algo):
+@pytest.mark.parametrize("seed", [0, 3])
+def test_full_size_deit_tiny(tmp_path, algo, seed):
+    """Seed 3 with PiToMe holds a near-tie that ONNX Runtime and PyTorch break differently in one
+    sample: the direct comparison fails (max abs ~0.04) and the forced-decision check explains it."""
     import timm
 
+    torch.manual_seed(seed)
     model = patch_model(timm.create_model("deit_tiny_patch16_224").eval(), algo=algo, ratio=0.9)
     report = run_parity(model, tmp_path / "model.onnx")
     assert report.passed, report.verdict()
+    if (seed, algo) == (3, "pitome"):
+        assert report.decisions["samples_with_flips"] >= 1 and report.decisions["forced_max_abs"] < 1e-4
+
+
+def test_wrong_export_fails_even_with_forced_decisions(tmp_path):
+    """An export that computes something else is not excused as a near-tie."""
+    model = build("deit", "pitome", "r0.9", "matmul")
+    path = export_onnx(model, None, tmp_path / "model.onnx")
+    with torch.no_grad():
+        model.head.weight.mul_(1.01)  # the PyTorch side no longer matches the graph
+    signature = signature_of(model)
+    feeds = parity_feeds(signature, batch_sizes=(2,), batches_per_size=1)
+    report = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], torch.device("cpu"), threads=2)
+    assert not report.passed
+    assert report.decisions is not None and not report.decisions["forced_passed"]
+    assert set(report.decisions["layer_agreement"]) == {"slots_0", "slots_1", "slots_2", "slots_3"}
+    assert all(v == 1.0 for v in report.decisions["layer_agreement"].values())  # same decisions, wrong numbers
+    assert "FAILED" in report.verdict() and "OUTSIDE tolerance" in report.verdict()
+
+
+def test_debug_export_decisions_match_eager(tmp_path):
+    from exporter.decisions import run_eager
+    from exporter.runners import ort_session
+
+    model = build("bert", "pitome", "r0.9", "matmul")
+    path = export_onnx(model, None, tmp_path / "debug.onnx", decisions=True)
+    signature = signature_of(model)
+    (feed,) = parity_feeds(signature, batch_sizes=(3,), batches_per_size=1)
+    logits, *slots = ort_session(path).run(None, feed)
+    eager_logits, eager_slots = run_eager(model, signature, feed, torch.device("cpu"))
+    assert len(slots) == 3 and all((g == e.numpy()).all() for g, e in zip(slots, eager_slots))
+    forced_logits, _ = run_eager(model, signature, feed, torch.device("cpu"), forced=slots)
+    torch.testing.assert_close(forced_logits, eager_logits, atol=0, rtol=0)
+    np.testing.assert_allclose(logits, eager_logits.numpy(), atol=1e-4)

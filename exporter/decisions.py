@@ -1,0 +1,71 @@
+"""Merge decisions as data: capture them, export them as extra outputs, or force them.
+
+A merge decision compares floating-point scores; where two candidates tie to within the float
+noise that separates two correct implementations (ONNX Runtime vs PyTorch kernels), they may
+choose differently, and a whole token moves. To tell such a near-tie from a wrong export, the
+parity check reruns PyTorch with the exported graph's own decisions forced in: given the same
+decisions, the numbers must agree to the usual tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from exporter.signatures import ExportWrapper, ModelSignature
+from ops.merge import MergeAssign
+
+
+@contextlib.contextmanager
+def decision_hooks(model: torch.nn.Module, forced: list[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Yield a list that fills with each merging layer's slots `[B, N_l]`, in call order.
+
+    With `forced`, layer k uses `forced[k]` as its slots instead of computing them.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        slots, n_out = output
+        if forced is not None:
+            slots = forced[len(captured)].to(slots.device)
+        captured.append(slots)
+        return slots, n_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MergeAssign)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class DecisionWrapper(torch.nn.Module):
+    """ExportWrapper that also returns every merging layer's slots (for a debug export)."""
+
+    def __init__(self, model: torch.nn.Module, signature: ModelSignature) -> None:
+        super().__init__()
+        self.inner = ExportWrapper(model, signature)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with decision_hooks(self.inner) as slots:
+            out = self.inner(*inputs)
+        return (out, *slots)
+
+
+def decision_output_names(model: torch.nn.Module) -> list[str]:
+    """`slots_<layer>` for each layer that merges, in order."""
+    return [f"slots_{i}" for i, r in enumerate(model.token_schedule.merges) if r > 0]
+
+
+def run_eager(
+    model: torch.nn.Module, signature: ModelSignature, feeds: dict, device: torch.device, forced=None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Main output and slots of the PyTorch model on numpy `feeds`, optionally with forced slots."""
+    wrapper = ExportWrapper(model, signature).eval().to(device)
+    inputs = [torch.as_tensor(feeds[name]).to(device) for name in signature.input_names]
+    forced_t = None if forced is None else [torch.as_tensor(f) for f in forced]
+    with torch.no_grad(), decision_hooks(wrapper, forced_t) as slots:
+        out = wrapper(*inputs)
+    return out.float().cpu(), [s.cpu() for s in slots]
