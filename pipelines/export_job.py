@@ -10,8 +10,10 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from exporter.atomic import atomic_write_text, make_temp_dir
 from exporter.errors import MissingBackendError, ParityError
@@ -19,6 +21,7 @@ from ops.errors import PitomeError
 from pipelines.models import ModelSpec, load_model, resolve
 
 TARGETS = ("onnx", "trt")
+T = TypeVar("T")
 
 
 class OutputExistsError(PitomeError):
@@ -100,21 +103,30 @@ def publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def run_job(job: ExportJob, console) -> Path:
-    """Run the whole job and return the published output folder; raise PitomeError on failure."""
-    check_target(job.target)
+def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Path, T]:
+    """Check the inputs that need no model, run `build` on a temporary folder, publish it.
+
+    Whatever stops `build` (an error, Ctrl-C) removes the temporary folder: nothing partial stays.
+    """
     if job.data is not None and not Path(job.data).exists():
         from pipelines.data import DataError
 
         raise DataError(f"data not found: {job.data}")
-    spec = resolve(job.model)
     final, tmp = prepare_output(job)
     try:
-        summary = _run_stages(job, spec, tmp, console)
+        result = build(tmp)
         publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final, result
+
+
+def run_job(job: ExportJob, console) -> Path:
+    """Run the whole job and return the published output folder; raise PitomeError on failure."""
+    check_target(job.target)
+    spec = resolve(job.model)
+    final, summary = build_output_folder(job, lambda tmp: _run_stages(job, spec, tmp, console))
     console.print(f"[bold]Report:[/] {final / 'report.md'}")
     if not summary["parity"]["passed"]:
         raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")

@@ -112,12 +112,17 @@ def write_preprocessing(model, spec, out: Path) -> None:
             pass  # a model folder without a tokenizer: config.json alone still describes the graph
 
 
+def random_init_banner(ctx: dict, real: str) -> list[str]:
+    """The first lines of a report on random weights: say so before anything else."""
+    if ctx["weights"] != "random-init":
+        return []
+    return [f"> **RANDOM-INIT WEIGHTS**: accuracy figures are meaningless; {real} are real.", ""]
+
+
 def markdown(summary: dict, spec) -> str:
     """report.md: random-init warning first, then the run context, schedule, parity and latency."""
     ctx, parity, bench = summary["context"], summary["parity"], summary["bench"]
-    lines = []
-    if ctx["weights"] == "random-init":
-        lines += ["> **RANDOM-INIT WEIGHTS**: accuracy figures are meaningless; parity and latency are real.", ""]
+    lines = random_init_banner(ctx, "parity and latency")
     lines += [
         f"# pitome-export report: {spec.name}",
         "",

@@ -8,7 +8,6 @@ top-1 accuracy; without, it is top-1 agreement with the unmerged model on seeded
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ import numpy as np
 
 from exporter.atomic import atomic_write_text
 from exporter.errors import ParityError
-from pipelines.export_job import ExportJob, open_data, prepare_output, publish
+from pipelines.export_job import ExportJob, build_output_folder, open_data
 from pipelines.models import resolve
+from pipelines.report import random_init_banner
 
 
 @dataclass
@@ -32,17 +32,7 @@ class SweepJob(ExportJob):
 
 def run_sweep(job: SweepJob, console) -> Path:
     spec = resolve(job.model)
-    if job.data is not None and not Path(job.data).exists():
-        from pipelines.data import DataError
-
-        raise DataError(f"data not found: {job.data}")
-    final, tmp = prepare_output(job)
-    try:
-        result = _sweep(job, spec, tmp, console)
-        publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final, result = build_output_folder(job, lambda tmp: _sweep(job, spec, tmp, console))
     console.print(f"[bold]Report:[/] {final / 'report.md'}  [bold]Plot:[/] {final / 'tradeoff.png'}")
     failed = [p for p in result["points"] if not p["parity_passed"]]
     if failed:
@@ -181,9 +171,7 @@ def draw_tradeoff(result: dict, path: Path) -> None:
 
 def sweep_markdown(result: dict) -> str:
     ctx = result["context"]
-    lines = []
-    if ctx["weights"] == "random-init":
-        lines += ["> **RANDOM-INIT WEIGHTS**: accuracy is meaningless; agreement and latency are real.", ""]
+    lines = random_init_banner(ctx, "agreement and latency")
     lines += [
         f"# pitome-export sweep: {ctx['model']}",
         "",
