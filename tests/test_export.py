@@ -181,3 +181,16 @@ def test_merge_nodes_carry_their_scope(vision_export):
     assert all(merge_node_part(n.name) == "assign" for n in nodes if n.op_type in ("TopK", "ArgMax", "Elu"))
     combine_ops = {n.op_type for n in nodes if merge_node_part(n.name) == "combine"}
     assert "MatMul" in combine_ops and "TopK" not in combine_ops
+
+
+def test_missing_ort_provider_is_a_backend_error(vision_export):
+    import onnxruntime as ort
+
+    from exporter.errors import MissingBackendError
+    from exporter.runners import ort_session
+
+    _, path = vision_export
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here; this covers CPU-only installs")
+    with pytest.raises(MissingBackendError, match="CUDAExecutionProvider is not available"):
+        ort_session(path, providers="cuda")
