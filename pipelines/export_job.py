@@ -127,7 +127,9 @@ def run_job(job: ExportJob, console) -> Path:
     check_target(job.target)
     spec = resolve(job.model)
     final, summary = build_output_folder(job, lambda tmp: _run_stages(job, spec, tmp, console))
-    console.print(f"[bold]Report:[/] {final / 'report.md'}")
+    from pipelines.report import print_summary
+
+    print_summary(summary, spec, final, console)
     if not summary["parity"]["passed"]:
         raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")
     return final

@@ -83,6 +83,38 @@ def print_bench(bench: dict, console) -> None:
     )
 
 
+def print_summary(summary: dict, spec, folder: Path, console) -> None:
+    """The closing table of a run: what was exported, whether it is right, how much faster."""
+    from rich.table import Table
+
+    ctx, sched, bench, accuracy = summary["context"], summary["schedule"], summary["bench"], summary["accuracy"]
+    cfg = summary["merge_config"]
+    table = Table(title="pitome-export summary", show_header=False)
+    table.add_row("model", f"{spec.name} ({ctx['weights']})")
+    table.add_row("merge", f"{cfg['algo']} ratio {cfg['ratio']}, lowering {cfg['lowering']}")
+    table.add_row(
+        "tokens", f"{sched['tokens_in'][0]} -> {sched['tokens_out'][-1]} ({','.join(map(str, sched['merges']))})"
+    )
+    passed = summary["parity"]["passed"]
+    table.add_row(
+        "parity", ("[green]PASSED[/]" if passed else "[red]FAILED[/]") + f" vs PyTorch on {ctx['reference_device']}"
+    )
+    if bench:
+        table.add_row(
+            "speed-up",
+            f"onnxruntime {bench['speedup_onnxruntime']:.2f}x, eager {bench['speedup_pytorch_eager']:.2f}x "
+            f"(block-FLOP ideal {bench['block_flop_speedup']:.2f}x, batch {bench['batch']})",
+        )
+    if accuracy:
+        table.add_row(
+            "accuracy",
+            f"{accuracy['top1_merged']:.2%} merged vs {accuracy['top1_unmerged']:.2%} unmerged "
+            f"({accuracy['delta_points']:+.2f} points, {accuracy['samples']} samples)",
+        )
+    table.add_row("report", str(folder / "report.md"))
+    console.print(table)
+
+
 def print_accuracy(accuracy: dict, console) -> None:
     console.print(
         f"accuracy on {accuracy['samples']} samples ({accuracy['data']}): merged {accuracy['top1_merged']:.2%}, "

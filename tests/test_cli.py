@@ -154,6 +154,7 @@ def test_full_job_writes_complete_folder(tmp_path, checkpoint):
     report = (out / "report.md").read_text()
     assert report.startswith("# pitome-export report: test_vit") and "PASSED" in report
     assert "schedule r = 10,9,8,7,6,6" in result.stdout
+    assert "pitome-export summary" in result.stdout and "PASSED vs PyTorch on cpu" in result.stdout
     assert json.loads((out / "data_config.json").read_text())["input_size"] == [3, 160, 160]
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp folder left beside it
     inspected = cli("inspect", str(out / "model.onnx"))
