@@ -126,6 +126,8 @@ def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
     check_target(job.target)
     spec = resolve(job.model)
+    if job.random_init:
+        console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")
     final, summary = build_output_folder(job, lambda tmp: _run_stages(job, spec, tmp, console))
     from pipelines.report import print_summary
 

@@ -167,6 +167,8 @@ def test_random_init_report_says_so_first(tmp_path):
     result = cli("test_vit", "--random-init", "--no-bench", "-o", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "report.md").read_text().startswith("> **RANDOM-INIT WEIGHTS**")
+    assert result.stdout.startswith("RANDOM-INIT WEIGHTS")
+    assert json.loads((out / "parity.json").read_text())["context"]["weights"] == "random-init"
     assert not (out / "bench.json").exists()
 
 
