@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
 
 from pipelines.data import DataError, open_text_data, open_vision_data, read_idx
 from tests.cli_helpers import cli, one_line_error
+from tests.data_helpers import write_idx
 
 FMNIST_CONFIG = {"input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,)}
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
