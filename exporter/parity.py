@@ -238,7 +238,15 @@ def print_report(report: ParityReport, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"Parity: {report.candidate} vs {report.reference} ({report.samples} samples)")
-    for column in ("output", "max abs", "max rel", "mean abs", "min cosine", "top-1 agree", "result"):
+    for column in (
+        "output",
+        "max abs (min atol)",
+        "max rel (min rtol)",
+        "mean abs",
+        "min cosine",
+        "top-1 agree",
+        "result",
+    ):
         table.add_column(column, justify="right" if column != "output" else "left")
     for o in report.outputs:
         table.add_row(
