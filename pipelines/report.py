@@ -180,6 +180,8 @@ def markdown(summary: dict, spec) -> str:
         lines.append(f"| {i} | {tin} | {r} | {tout} | {step} |")
     lines += ["", "## Parity (ONNX Runtime CPU vs PyTorch reference)", ""]
     lines += [
+        "Max abs and max rel are also the minimum atol (or rtol) that would have passed.",
+        "",
         "| output | max abs | max rel | mean abs | min cosine | top-1 agreement | result |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
