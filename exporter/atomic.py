@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -28,15 +29,22 @@ def temp_file_beside(path: Path) -> str:
     return tmp
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call `write(temp_path)` on a temporary file beside `path`, then rename it into place.
+
+    A failure (or Ctrl-C) removes the temporary file: readers see the old file or the new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file_beside(path)
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from exporter.atomic import temp_file_beside
+from exporter.atomic import atomic_write
 from exporter.signatures import ExportWrapper, ModelSignature, signature_of
 from ops import repatch
 
@@ -184,8 +184,8 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     if not large:
         onnx.checker.check_model(proto)
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    tmp = temp_file_beside(path)
-    try:
+
+    def write(tmp: str) -> None:
         if large:
             onnx.save_model(
                 proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
@@ -193,10 +193,8 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
             onnx.checker.check_model(tmp)
         else:
             onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from exporter.atomic import atomic_write_text, temp_file_beside
+from exporter.atomic import atomic_write, atomic_write_text
 from pipelines.data import read_idx
 
 ARCH = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3)
@@ -88,16 +87,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / len(x)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = temp_file_beside(path)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train(args: argparse.Namespace, console) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -155,11 +144,11 @@ def train(args: argparse.Namespace, console) -> dict:
                  "test_accuracy": test_accuracy, "wall_seconds": wall}
             )  # fmt: skip
             progress.update(task, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.2%} test {test_accuracy:.2%}")
-            _save_checkpoint(
-                checkpoint,
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "wall_seconds": wall},
-            )  # fmt: skip
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "wall_seconds": wall,
+            }  # fmt: skip
+            atomic_write(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
             atomic_write_text(out / "history.json", json.dumps(history, indent=2))
     if history and history[-1]["epoch"] == args.epochs:
         _finish(model, history, args, out)
@@ -171,9 +160,8 @@ def _finish(model: torch.nn.Module, history: list[dict], args: argparse.Namespac
 
     from exporter.runners import cpu_name
 
-    tmp = temp_file_beside(out / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out / "model.safetensors")
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp))
     final = history[-1]
     card = f"""# vit_fmnist (trained by pitome-export; not a published checkpoint)
 
