@@ -146,13 +146,18 @@ def export_onnx(
 MERGE_PARTS = ("assign", "combine")
 
 
+def _merge_part(scope: str) -> str | None:
+    """ "assign" or "combine" when `scope` is a `...token_merge(s.N).assign|combine` module path."""
+    part = scope.rsplit(".", 1)[-1]
+    return part if part in MERGE_PARTS and ".token_merge" in scope else None
+
+
 def _merge_scope(node: onnx.NodeProto) -> str | None:
-    """The innermost `...token_merge(s.N).assign|combine` scope a node was traced in, if any."""
+    """The innermost merge scope a node was traced in, if any."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = ast.literal_eval(prop.value)
-            for scope in reversed(scopes):
-                if scope.rsplit(".", 1)[-1] in MERGE_PARTS and ".token_merge" in scope:
+            for scope in reversed(ast.literal_eval(prop.value)):
+                if _merge_part(scope):
                     return scope.removeprefix("model.")
     return None
 
@@ -171,15 +176,12 @@ def scope_merge_nodes(proto: onnx.ModelProto) -> None:
 
 def merge_node_part(name: str) -> str | None:
     """ "assign", "combine" or None for a node name written by `scope_merge_nodes`."""
-    scope = name.split("/", 1)[0] if "/" in name else ""
-    part = scope.rsplit(".", 1)[-1]
-    return part if part in MERGE_PARTS and ".token_merge" in scope else None
+    return _merge_part(name.split("/", 1)[0]) if "/" in name else None
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Check, infer shapes, and write `proto` atomically (external data beside it when large)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     large = proto.ByteSize() > EXTERNAL_DATA_BYTES if _serializable(proto) else True
     if not large:
         onnx.checker.check_model(proto)
