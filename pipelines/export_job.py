@@ -21,6 +21,7 @@ from ops.errors import PitomeError
 from pipelines.models import ModelSpec, load_model, resolve
 
 TARGETS = ("onnx", "trt")
+DEFAULT_INT8_MODE = "dynamic"  # the faster on ONNX Runtime CPU, measured (README, Quantization)
 T = TypeVar("T")
 
 
@@ -55,11 +56,24 @@ class ExportJob:
     limit: int | None = None
     threads: int = 2
     seed: int = 0
+    precision: str = "fp32"
+    int8_mode: str | None = None  # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
+    calibration: str | None = None  # DIR, FILE, data set name, or a sample count
+    min_agreement: tuple[float, float] = (0.99, 0.99)  # reduced precision: (top-1, per-layer decisions)
     command_line: list[str] = field(default_factory=lambda: ["pitome-export", *sys.argv[1:]])
 
     def default_out(self) -> Path:
         ratio = f"r{self.ratio:g}" if self.schedule is None else "sched"
-        return Path("artifacts") / f"{self.model}-{self.algo}-{ratio}-{self.target}"
+        precision = "" if self.precision == "fp32" else f"-{self.precision}"
+        return Path("artifacts") / f"{self.model}-{self.algo}-{ratio}{precision}-{self.target}"
+
+    def resolved_int8_mode(self) -> str | None:
+        """The INT8 mode this job uses (None unless int8): asked, implied by --calibration, or the default."""
+        if self.precision != "int8":
+            return None
+        if self.int8_mode is not None:
+            return self.int8_mode
+        return "static" if self.calibration is not None or self.target == "trt" else DEFAULT_INT8_MODE
 
 
 def check_target(target: str) -> None:
@@ -76,6 +90,24 @@ def check_target(target: str) -> None:
         if not torch.cuda.is_available():
             raise MissingBackendError("no CUDA device found: the trt target builds engines on an NVIDIA GPU")
         raise MissingBackendError("TensorRT engine building is not implemented in this version; use --target onnx")
+
+
+def check_precision_flags(job: ExportJob) -> None:
+    """Reject flag combinations that cannot mean anything, before any work."""
+    from exporter.quantize import INT8_MODES, PRECISIONS
+
+    if job.precision not in PRECISIONS:
+        raise PitomeError(f"unknown precision {job.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if job.int8_mode is not None and job.int8_mode not in INT8_MODES:
+        raise PitomeError(f"unknown INT8 mode {job.int8_mode!r}; choose one of {', '.join(INT8_MODES)}")
+    if job.int8_mode is not None and job.precision != "int8":
+        raise PitomeError("--int8-mode applies to --precision int8")
+    if job.calibration is not None and job.calibration.isdigit() and int(job.calibration) < 1:
+        raise PitomeError("--calibration N needs N >= 1 samples")
+    if job.calibration is not None and job.resolved_int8_mode() != "static":
+        raise PitomeError("--calibration applies to --precision int8 with static quantization")
+    if job.target == "trt" and job.precision == "int8" and job.resolved_int8_mode() != "static":
+        raise PitomeError("TensorRT builds INT8 engines from the static QDQ graph: drop --int8-mode dynamic")
 
 
 def prepare_output(job: ExportJob) -> tuple[Path, Path]:
@@ -108,10 +140,12 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
 
     Whatever stops `build` (an error, Ctrl-C) removes the temporary folder: nothing partial stays.
     """
-    if job.data is not None and not Path(job.data).exists():
-        from pipelines.data import DataError
+    from pipelines.data import DataError, named_data
 
-        raise DataError(f"data not found: {job.data}")
+    check_precision_flags(job)
+    for what, source in (("data", job.data), ("calibration data", job.calibration)):
+        if source is not None and not source.isdigit() and named_data(source) is None and not Path(source).exists():
+            raise DataError(f"{what} not found: {source}")
     final, tmp = prepare_output(job)
     try:
         result = build(tmp)
@@ -134,19 +168,28 @@ def run_job(job: ExportJob, console) -> Path:
     print_summary(summary, spec, final, console)
     if not summary["parity"]["passed"]:
         raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")
+    agreement = summary["precision"]["agreement"]
+    if agreement is not None and not agreement["passed"]:
+        line = summary["precision"]["agreement_line"]
+        raise ParityError(f"{job.precision} parity FAILED: {line} (artifacts kept in {final} for inspection)")
     return final
 
 
-def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature):
-    """The labelled data for the accuracy stage, checked before any export work."""
+def open_data(
+    job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature, source: str | None = None, limit=None
+):
+    """The data for the accuracy stage (`job.data`), or `source` (calibration), checked before any export work."""
     from pipelines.data import open_text_data, open_vision_data
+    from pipelines.models import tokenizer_source
 
+    labelled = source is None
+    source, limit = (job.data, job.limit) if labelled else (source, limit)
     if spec.kind == "vision":
         from timm.data import resolve_data_config
 
-        return open_vision_data(job.data, resolve_data_config({}, model=model), job.limit, job.seed)
-    tokenizer_source = job.checkpoint or spec.source
-    return open_text_data(job.data, tokenizer_source, seq_len, signature.input_names, job.limit, job.seed)
+        return open_vision_data(source, resolve_data_config({}, model=model), limit, job.seed)
+    tokenizer = tokenizer_source(model, spec, job.checkpoint)
+    return open_text_data(source, tokenizer, seq_len, signature.input_names, limit, job.seed, labelled=labelled)
 
 
 def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
@@ -186,14 +229,20 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         schedule = model.token_schedule
         signature = signature_of(model, seq_len)
         data = open_data(job, spec, model, seq_len, signature) if job.data else None
+        int8_mode = job.resolved_int8_mode()
+        calibration, calibration_source = ([], None)
+        if int8_mode == "static":
+            from pipelines.calibration import calibration_feeds
+
+            calibration, calibration_source = calibration_feeds(job, spec, model, signature, seq_len)
         progress.update(task, completed=1)
         console.print(report.schedule_line(schedule))
 
         task = stage("export ONNX")
         dynamic = not job.static_batch
-        onnx_path = export_onnx(
-            model, None, out / "model.onnx", opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len
-        )
+        reduced = job.precision != "fp32"
+        fp32_path = Path(scratch) / "model_fp32.onnx" if reduced else out / "model.onnx"
+        fp32_graph = export_onnx(model, None, fp32_path, opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len)
         progress.update(task, completed=1)
 
         task = stage("parity vs PyTorch")
@@ -204,29 +253,62 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             size = 2 if job.static_batch else 4
             real = data.batches(size)
             feeds += [next(real)[0] for _ in range(min(2, len(data) // size))]
-        parity = verify_export(model, signature, onnx_path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
+        parity = verify_export(model, signature, fp32_graph, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
         parity.schedule = schedule.to_dict()
         progress.update(task, completed=1)
 
+        onnx_path, agreement = fp32_graph, None
+        if reduced:
+            from exporter.agreement import AgreementThresholds, check_reduced_precision
+            from exporter.quantize import convert_precision
+
+            def convert(src: Path, dst: Path) -> Path:
+                return convert_precision(
+                    src, dst, job.precision, int8_mode or "dynamic", calibration, calibration_source
+                )
+
+            label = job.precision + (f" ({int8_mode})" if int8_mode else "")
+            task = stage(f"convert to {label}, merge kept FP32")
+            onnx_path = convert(fp32_graph, out / "model.onnx")
+            progress.update(task, completed=1)
+            task = stage(f"parity of {job.precision} by agreement with FP32")
+            merges = any(schedule.merges)
+            debug = (
+                (lambda path: export_onnx(model, None, path, seq_len=seq_len, decisions=True, dynamic_batch=dynamic))
+                if merges
+                else None
+            )
+            agreement = check_reduced_precision(
+                job.precision, fp32_graph, onnx_path, feeds, debug, convert if merges else None,
+                AgreementThresholds(*job.min_agreement), threads=job.threads,
+            )  # fmt: skip
+            progress.update(task, completed=1)
+
         bench = accuracy = None
+        extra_graphs: dict[str, Path] = {}
         if job.bench or data is not None:
             task = stage("export the unmerged baseline")
             unmerged = unpatch_model(copy.deepcopy(model))
             baseline = export_onnx(
                 unmerged, None, Path(scratch) / "unmerged.onnx", opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len
             )
+            if reduced:
+                extra_graphs["merged fp32"] = fp32_graph
+                extra_graphs[f"unmerged {job.precision}"] = convert(baseline, Path(scratch) / "unmerged_reduced.onnx")
             progress.update(task, completed=1)
         if job.bench:
             task = stage(f"benchmark batch {job.bench_batch} x {job.bench_runs} runs")
-            bench = benchmark_artifact(model, unmerged, signature, onnx_path, baseline, job)
+            bench = benchmark_artifact(model, unmerged, signature, onnx_path, baseline, job, extra_graphs)
             progress.update(task, completed=1)
         if data is not None:
             task = progress.add_task(f"accuracy on {len(data)} samples", total=-(-len(data) // 32))
             accuracy = measure_accuracy(
-                onnx_path, baseline, data, 32, job.threads, progress=lambda: progress.advance(task)
+                onnx_path, baseline, data, 32, job.threads, progress=lambda: progress.advance(task), extra=extra_graphs
             )
 
     print_report(parity, console)
+    if agreement is not None:
+        console.print(f"{job.precision} parity: {agreement.verdict()}")
     context = report.run_context(job, spec, origin, device_name(device), str(device))
     summary = {
         "context": context,
@@ -234,11 +316,19 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         "merge_config": model.merge_config,
         "parity": parity.to_dict(),
         "parity_line": parity.verdict(),
+        "precision": {
+            "precision": job.precision,
+            "int8_mode": int8_mode,
+            "calibration": calibration_source,
+            "agreement": agreement.to_dict() if agreement is not None else None,
+            "agreement_line": agreement.verdict() if agreement is not None else None,
+        },
         "bench": bench,
         "accuracy": accuracy,
     }
     atomic_write_text(out / "schedule.json", json.dumps({**schedule.to_dict(), **model.merge_config}, indent=2))
-    atomic_write_text(out / "parity.json", json.dumps({"context": context, **parity.to_dict()}, indent=2))
+    parity_record = {"context": context, **parity.to_dict(), "precision": summary["precision"]}
+    atomic_write_text(out / "parity.json", json.dumps(parity_record, indent=2))
     if bench is not None:
         atomic_write_text(out / "bench.json", json.dumps({"context": context, **bench}, indent=2))
         report.print_bench(bench, console)

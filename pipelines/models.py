@@ -33,6 +33,8 @@ class ModelSpec:
     num_prefix: int = 1
     dim: int | None = None
     mlp_ratio: float = 4.0
+    builder: str | None = None  # "module:function(checkpoint, random_init)" for models this project ships
+    data: str | None = None  # the labelled data the model was trained for (`--data` accepts the name)
 
 
 REGISTRY = {
@@ -54,6 +56,15 @@ REGISTRY = {
         ModelSpec("bert_base", "bert-base-uncased", "text", seq_len=128, depth=12, num_tokens=127, dim=768),
         ModelSpec(
             "distilbert_base", "distilbert-base-uncased", "text", seq_len=128, depth=6, num_tokens=127, dim=768
+        ),
+        ModelSpec(
+            "vit_fmnist", "pitome-export vit_fmnist (trained here)", "vision",
+            depth=12, num_tokens=49, dim=96, builder="pipelines.vit_fmnist:build", data="fashion-mnist",
+        ),
+        ModelSpec(
+            "minilm_sentiment", "sentence-transformers/all-MiniLM-L6-v2 + head trained here", "text",
+            seq_len=64, depth=6, num_tokens=63, dim=384, builder="pipelines.sentence_classifier:build",
+            data="rotten-tomatoes",
         ),
     )
 }  # fmt: skip
@@ -80,8 +91,14 @@ def load_model(
     """Load `spec` and say where its weights came from ("pretrained", "checkpoint PATH", "random-init")."""
     if checkpoint is not None and not Path(checkpoint).exists():
         raise ModelLoadError(f"checkpoint not found: {checkpoint}")
-    loader = _load_timm if spec.kind == "vision" else _load_hf
-    model = loader(spec, checkpoint, random_init)
+    if spec.builder is not None:
+        import importlib
+
+        module, function = spec.builder.split(":")
+        model = getattr(importlib.import_module(module), function)(checkpoint, random_init)
+    else:
+        loader = _load_timm if spec.kind == "vision" else _load_hf
+        model = loader(spec, checkpoint, random_init)
     origin = "random-init" if random_init else f"checkpoint {checkpoint}" if checkpoint else "pretrained"
     return model.eval(), origin
 
@@ -102,7 +119,7 @@ def _load_timm(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> to
         ) from None
     if checkpoint:
         try:
-            state = _read_state_dict(checkpoint)
+            state = read_state_dict(checkpoint)
         except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip each raise their own types
             raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {_first_line(exc)}") from None
         try:
@@ -145,7 +162,7 @@ def go_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors` or a torch file (bare, or under 'model'/'state_dict')."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -186,3 +203,9 @@ def _hf_call(fn, source: str):
         first = _first_line(exc)
         hint = "" if os.path.isdir(source) else "; pass --checkpoint FOLDER for a local model or --random-init"
         raise ModelLoadError(f"could not load {source}: {first}{hint}") from None
+
+
+def tokenizer_source(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | None = None) -> str:
+    """Where the text model's tokenizer loads from: the folder its weights came from, else the hub id."""
+    loaded_from = getattr(getattr(model, "config", None), "name_or_path", "")
+    return loaded_from or checkpoint or spec.source

@@ -81,6 +81,9 @@ def print_bench(bench: dict, console) -> None:
         f"speed-up merged vs unmerged: onnxruntime {bench['speedup_onnxruntime']:.2f}x, "
         f"pytorch eager {bench['speedup_pytorch_eager']:.2f}x; block-FLOP ideal {bench['block_flop_speedup']:.2f}x"
     )
+    speedups = bench.get("speedup_vs_fp32_unmerged", {})
+    if len(speedups) > 1:
+        console.print("onnxruntime vs fp32 unmerged: " + ", ".join(f"{name} {x:.2f}x" for name, x in speedups.items()))
 
 
 def print_summary(summary: dict, spec, folder: Path, console) -> None:
@@ -99,6 +102,14 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
     table.add_row(
         "parity", ("[green]PASSED[/]" if passed else "[red]FAILED[/]") + f" vs PyTorch on {ctx['reference_device']}"
     )
+    precision = summary.get("precision") or {}
+    if precision.get("agreement"):
+        ok = precision["agreement"]["passed"]
+        mode = f" ({precision['int8_mode']})" if precision["int8_mode"] else ""
+        table.add_row(
+            precision["precision"] + mode,
+            ("[green]PASSED[/]" if ok else "[red]FAILED[/]") + " " + precision["agreement_line"].split("| ", 2)[-1],
+        )
     if bench:
         table.add_row(
             "speed-up",
@@ -115,12 +126,42 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
     console.print(table)
 
 
+def precision_markdown(precision: dict | None) -> list[str]:
+    """report.md's section on a reduced-precision graph: how it was made and its agreement."""
+    if not precision or precision["precision"] == "fp32":
+        return []
+    lines = [f"## Precision: {precision['precision']}", ""]
+    if precision["int8_mode"]:
+        lines.append(f"- INT8 mode: {precision['int8_mode']}; calibration: {precision['calibration'] or 'none'}")
+    lines.append("- the merge subgraph (decisions and weighted mean) is kept in FP32")
+    agreement = precision["agreement"]
+    if agreement:
+        lines += ["", precision["agreement_line"], ""]
+        if agreement["layer_agreement"]:
+            lines += [
+                "Decision agreement with FP32, per merging layer: the layer's own decisions (tokens that entered "
+                "in FP32's groups and left in them) and cumulative (tokens in exactly FP32's groups).",
+                "",
+                "| merging layer | own decisions | cumulative |",
+                "|---|---:|---:|",
+            ]
+            lines += [
+                f"| {name} | {value:.2%} | {agreement['cumulative_agreement'][name]:.2%} |"
+                for name, value in agreement["layer_agreement"].items()
+            ]
+            lines.append("")
+    return lines
+
+
 def print_accuracy(accuracy: dict, console) -> None:
     console.print(
         f"accuracy on {accuracy['samples']} samples ({accuracy['data']}): merged {accuracy['top1_merged']:.2%}, "
         f"unmerged {accuracy['top1_unmerged']:.2%} ({accuracy['delta_points']:+.2f} points), "
         f"prediction agreement {accuracy['agreement']:.2%}"
     )
+    others = {k: v for k, v in accuracy.get("top1", {}).items() if k not in ("merged", "unmerged")}
+    if others:
+        console.print("  also: " + ", ".join(f"{name} {top1:.2%}" for name, top1 in others.items()))
 
 
 def write_preprocessing(model, spec, out: Path) -> None:
@@ -134,7 +175,9 @@ def write_preprocessing(model, spec, out: Path) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.save_pretrained(out)
-    source = spec.source
+    from pipelines.models import tokenizer_source
+
+    source = tokenizer_source(model, spec)
     if os.path.isdir(source):
         try:
             from transformers import AutoTokenizer
@@ -192,6 +235,7 @@ def markdown(summary: dict, spec) -> str:
             f"{o['min_cosine']:.7f} | {o['top1_agreement']:.2%} | {state} |"
         )
     lines += ["", summary["parity_line"], ""]
+    lines += precision_markdown(summary.get("precision"))
     if bench:
         lines += ["## Latency", "", bench["how"], ""]
         lines += [
@@ -211,6 +255,13 @@ def markdown(summary: dict, spec) -> str:
             f"{bench['block_gflops_unmerged']:.2f} GFLOP per item: ideal {bench['block_flop_speedup']:.2f}x.",
             "",
         ]
+        if len(bench.get("speedup_vs_fp32_unmerged", {})) > 1:
+            lines += [
+                "ONNX Runtime speed-ups against the FP32 unmerged graph (`merged` is the shipped "
+                f"{bench['precision']} graph): "
+                + ", ".join(f"{name} {x:.2f}x" for name, x in bench["speedup_vs_fp32_unmerged"].items()),
+                "",
+            ]
     accuracy = summary.get("accuracy")
     if accuracy:
         lines += [
@@ -220,8 +271,7 @@ def markdown(summary: dict, spec) -> str:
             "",
             "| graph | top-1 |",
             "|---|---:|",
-            f"| unmerged | {accuracy['top1_unmerged']:.2%} |",
-            f"| merged | {accuracy['top1_merged']:.2%} |",
+            *(f"| {name} | {top1:.2%} |" for name, top1 in accuracy.get("top1", {}).items()),
             "",
             f"Change {accuracy['delta_points']:+.2f} points; the two graphs agree on {accuracy['agreement']:.2%} of predictions.",
             "",

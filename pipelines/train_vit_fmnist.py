@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from exporter.atomic import atomic_write, atomic_write_text
-from pipelines.data import read_idx
+from pipelines.data import FASHION_MNIST_DIR, read_idx
+from pipelines.vit_fmnist import ARCH, MEAN, STD, architecture
 
-ARCH = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3)
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
-DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+DEFAULT_DATA = FASHION_MNIST_DIR
 RECIPE = {
     "optimizer": "AdamW lr 1e-3, weight decay 0.05",
     "schedule": "1 epoch linear warm-up, then cosine to 0 (per step)",
@@ -37,12 +36,6 @@ RECIPE = {
     "drop_path": 0.1,
     "augmentation": "random shifts of up to 2 pixels (zero padding) and horizontal flips",
 }
-
-
-def build_model(drop_path: float = 0.0) -> torch.nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(**ARCH, drop_path_rate=drop_path)
 
 
 def load_split(root: Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +90,7 @@ def train(args: argparse.Namespace, console) -> dict:
     train_x, train_y = load_split(root, "train", args.limit)
     test_x, test_y = load_split(root, "t10k", args.limit)
     torch.manual_seed(args.seed)
-    model = build_model(drop_path=RECIPE["drop_path"])
+    model = architecture(drop_path=RECIPE["drop_path"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)

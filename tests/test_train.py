@@ -21,7 +21,8 @@ def tiny_fmnist(tmp_path):
 
 
 def test_trains_resumes_and_finishes(tmp_path, tiny_fmnist):
-    from pipelines.train_vit_fmnist import build_model, main
+    from pipelines.train_vit_fmnist import main
+    from pipelines.vit_fmnist import build
 
     out = tmp_path / "run"
     common = ["--data", str(tiny_fmnist), "--out", str(out), "--batch-size", "16", "--threads", "1"]
@@ -31,10 +32,7 @@ def test_trains_resumes_and_finishes(tmp_path, tiny_fmnist):
     assert main([*common, "--epochs", "2"]) == 0  # resumes at epoch 2, keeps epoch 1's record
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]
-    from safetensors.torch import load_file
-
-    model = build_model()
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    model = build(str(out / "model.safetensors"))  # the loader `vit_fmnist --checkpoint` uses
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     card = (out / "card.md").read_text()
     assert "trained by pitome-export; not a published checkpoint" in card and "test accuracy (unmerged)" in card

@@ -64,14 +64,18 @@ def family_of(base: torch.nn.Module) -> TextFamily:
 
 @dataclass
 class MergedTextOutput(ModelOutput):
-    """Encoder output after merging: hidden states, the pooler output (BERT) and the merged mask.
+    """Encoder output after merging: hidden states, the pooler output (BERT), the merged mask,
+    and each output token's size (how many real input tokens it holds; 0 for padding).
 
-    `hidden_states`/`attentions` stay None; task heads read them.
+    Mean pooling over a merged sequence weights each token by `token_sizes`: that is the same
+    quantity as the attention-masked mean over the unmerged sequence. `hidden_states` and
+    `attentions` stay None; task heads read them.
     """
 
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    token_sizes: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -108,6 +112,7 @@ class MergingTextEncoder(torch.nn.Module):
         fam = self.text_family
         hidden = fam.embed(self, input_ids, token_type_ids, position_ids)
         valid = hidden.new_ones(hidden.shape[:2]) if attention_mask is None else attention_mask.to(hidden.dtype)
+        sizes = valid
         heads = self.config.num_attention_heads
         for layer, token_merge in zip(fam.layers(self), self.token_merges):
             mask = additive_mask(valid, hidden.dtype)
@@ -119,18 +124,22 @@ class MergingTextEncoder(torch.nn.Module):
             keys = fam.key_proj(layer)(hidden).view(b, n, heads, -1)
             metric = keys.sum(dim=2) if fam.sum_heads else keys.mean(dim=2)
             weights = valid if self.padding_safe else torch.ones_like(valid)
-            # The mask rides along as one more channel: its size-weighted mean is > 0 exactly
-            # when the group holds a real token, i.e. the max-merge of the mask.
-            merged, _ = token_merge(
-                torch.cat([attn_out, valid[..., None]], dim=-1), weights[..., None], metric, valid=weights
+            # The mask and the token sizes ride along as two more channels. The mask's weighted
+            # mean is > 0 exactly when the group holds a real token (the max-merge of the mask);
+            # the sizes' weighted mean times the group's weight is their sum.
+            riders = torch.stack([valid, sizes], dim=-1)
+            merged, group = token_merge(
+                torch.cat([attn_out, riders], dim=-1), weights[..., None], metric, valid=weights
             )
-            attn_out, valid = merged[..., :-1], (merged[..., -1] > 0).to(hidden.dtype)
+            attn_out, valid = merged[..., :-2], (merged[..., -2] > 0).to(hidden.dtype)
+            sizes = merged[..., -1] * group[..., 0]
             hidden = fam.feed_forward(layer, attn_out)
         pooler = getattr(self, "pooler", None)
         return MergedTextOutput(
             last_hidden_state=hidden,
             pooler_output=pooler(hidden) if pooler is not None else None,
             attention_mask=valid,
+            token_sizes=sizes,
         )
 
 

@@ -1,0 +1,157 @@
+"""Reduced-precision graphs, INT8 (dynamic or static QDQ) or FP16, with the merge kept in FP32.
+
+Every node of the merge subgraph (the decisions: similarity, energy, ranking, matching; and
+the size-weighted combine) is excluded from quantization and from FP16 conversion by its name
+scope (`...token_merge.assign/`, `.combine/`, written at export). A rounded similarity could
+flip a decision and move a whole token; the merge's share of the work is small, so it stays FP32.
+
+INT8 uses onnxruntime.quantization on MatMul/Gemm with constant weights: int8 per-channel
+weights, symmetric (zero point 0). Dynamic quantization computes activation scales at run time;
+static quantization writes QuantizeLinear/DequantizeLinear pairs with symmetric activation
+scales from calibration data, the explicit-quantization form TensorRT builds INT8 engines from.
+FP16 uses onnxruntime's float16 converter with FP32 inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader
+
+from exporter.onnx_export import METADATA_PREFIX, merge_node_part, save_onnx
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_MODES = ("dynamic", "static")
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
+def fp32_node_names(proto: onnx.ModelProto) -> list[str]:
+    """The merge subgraph's nodes: they keep FP32 in every precision."""
+    return [node.name for node in proto.graph.node if merge_node_part(node.name) is not None]
+
+
+class FeedReader(CalibrationDataReader):
+    """Calibration data for onnxruntime's static quantizer: a list of feed dicts."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._next: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._next, None)
+
+    def rewind(self) -> None:
+        self._next = iter(self._feeds)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The quantizer logs advice (pre-processing) on the root logger; our report says what matters."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _int8(src: Path, dst: str, mode: str, keep: list[str], calibration) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    common = dict(per_channel=True, nodes_to_exclude=keep, op_types_to_quantize=QUANTIZED_OPS)
+    if mode == "dynamic":
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}, **common)
+        return
+    quantize_static(
+        src,
+        dst,
+        FeedReader(calibration),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
+        **common,
+    )
+
+
+def convert_precision(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    precision: str,
+    int8_mode: str = "dynamic",
+    calibration: Sequence[dict[str, np.ndarray]] | None = None,
+    calibration_source: str | None = None,
+) -> Path:
+    """Write `src` (an FP32 export) at `precision` to `dst`, merge nodes in FP32; return `dst`.
+
+    `calibration` (feed dicts) is required for static INT8. The precision, the INT8 mode and
+    where the calibration data came from go into the graph's `pitome.*` metadata.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and int8_mode not in INT8_MODES:
+        raise ValueError(f"unknown INT8 mode {int8_mode!r}; choose one of {', '.join(INT8_MODES)}")
+    if precision == "int8" and int8_mode == "static" and not calibration:
+        raise ValueError("static INT8 quantization needs calibration feeds")
+    src = Path(src)
+    proto = onnx.load(src)
+    keep = fp32_node_names(proto)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxscript import ir
+
+        with _quiet():
+            proto = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
+        del proto.graph.value_info[:]  # stale types; shape inference on save writes them anew
+        graph = ir.from_proto(proto)  # the converter appends its input casts at the end: re-sort
+        graph.graph.sort()
+        proto = ir.to_proto(graph)
+    elif precision == "int8":
+        with tempfile.TemporaryDirectory(prefix="pitome-quant-") as tmp, _quiet():
+            out = str(Path(tmp) / "int8.onnx")
+            _int8(src, out, int8_mode, keep, calibration)
+            proto = onnx.load(out)
+    stamp = {
+        "precision": precision,
+        "int8_mode": int8_mode if precision == "int8" else "none",
+        "calibration": calibration_source or "none",
+        "fp32_nodes": str(len(keep)),
+    }
+    _set_metadata(proto, {METADATA_PREFIX + key: value for key, value in stamp.items()})
+    return save_onnx(proto, dst)
+
+
+def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def reduced_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Merge nodes that a reduced-precision pass touched: quantized, or computing in FP16.
+
+    Empty for a correct conversion; tests and the pipeline read the graph to prove it.
+    """
+    quantized = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
+    fp16 = {onnx.TensorProto.FLOAT16}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*proto.graph.value_info, *proto.graph.output)}
+    for init in proto.graph.initializer:
+        types[init.name] = init.data_type
+    touched = []
+    for node in proto.graph.node:
+        if merge_node_part(node.name) is None:
+            continue
+        if node.op_type in quantized or any(types.get(name) in fp16 for name in (*node.input, *node.output)):
+            touched.append(node.name)
+    return touched

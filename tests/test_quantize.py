@@ -1,0 +1,190 @@
+"""Reduced precision: INT8 (dynamic, static QDQ) and FP16 graphs keep the merge subgraph in FP32,
+agreement is measured the way the report says, and bad precision flags fail before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.cli_helpers import cli, one_line_error
+
+
+@pytest.fixture(scope="module")
+def merged_graph(tmp_path_factory):
+    from exporter.onnx_export import export_onnx
+    from ops import patch_model
+    from tests.models import small_vit
+
+    folder = tmp_path_factory.mktemp("quant")
+    model = patch_model(small_vit(), algo="pitome", ratio=0.9)
+    fp32 = export_onnx(model, None, folder / "fp32.onnx")
+    debug = export_onnx(model, None, folder / "debug.onnx", decisions=True)
+    return model, fp32, debug, folder
+
+
+def _feeds(n: int = 3, batch: int = 4, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"pixel_values": rng.standard_normal((batch, 3, 64, 64)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize(("precision", "mode", "marker_ops"), [
+    ("int8", "dynamic", {"DynamicQuantizeLinear", "MatMulInteger"}),
+    ("int8", "static", {"QuantizeLinear", "DequantizeLinear"}),
+    ("fp16", None, set()),
+])  # fmt: skip
+def test_conversion_keeps_every_merge_node_fp32(merged_graph, precision, mode, marker_ops):
+    from exporter.onnx_export import read_metadata
+    from exporter.quantize import convert_precision, fp32_node_names, reduced_nodes
+    from exporter.runners import ort_session
+
+    _, fp32, _, folder = merged_graph
+    out = convert_precision(fp32, folder / f"{precision}-{mode}.onnx", precision, mode or "dynamic", _feeds(), "test")
+    proto = onnx.load(out)
+    ops = {n.op_type for n in proto.graph.node}
+    assert marker_ops <= ops  # the rest of the graph really is reduced
+    if precision == "fp16":
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+        assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 IO
+    assert len(fp32_node_names(proto)) == len(fp32_node_names(onnx.load(fp32))) > 100
+    assert reduced_nodes(proto) == []
+    meta = read_metadata(proto)
+    assert meta["precision"] == precision and meta["int8_mode"] == (mode or "none")
+    assert meta["schedule"]["merges"]  # the export's own metadata survives the conversion
+    logits = ort_session(out).run(None, _feeds(1)[0])[0]
+    reference = ort_session(fp32).run(None, _feeds(1)[0])[0]
+    assert logits.shape == reference.shape and 0.05 > np.abs(logits - reference).max() > 0
+
+
+def test_reduced_nodes_sees_a_conversion_that_ignores_the_merge(merged_graph):
+    """The check above can fail: converted without the block list, merge nodes show as touched."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from exporter.quantize import reduced_nodes
+
+    _, fp32, _, _ = merged_graph
+    careless = convert_float_to_float16(onnx.load(fp32), keep_io_types=True)
+    assert len(reduced_nodes(careless)) > 50
+
+
+def test_static_int8_needs_calibration(merged_graph):
+    from exporter.quantize import convert_precision
+
+    _, fp32, _, folder = merged_graph
+    with pytest.raises(ValueError, match="calibration"):
+        convert_precision(fp32, folder / "x.onnx", "int8", "static", None)
+
+
+def test_group_agreement_ignores_slot_numbering_and_sees_moves():
+    from exporter.agreement import same_groups, token_destinations
+
+    layer0 = np.array([[0, 0, 1, 2, 3]])  # tokens 0 and 1 merge
+    renumbered = np.array([[3, 3, 2, 1, 0]])  # the same groups under other slot numbers
+    moved = np.array([[0, 1, 1, 2, 3]])  # token 1 merges with token 2 instead
+    (a,), (b,), (c,) = (token_destinations([s]) for s in (layer0, renumbered, moved))
+    assert same_groups(a, b).all()
+    assert same_groups(a, c).tolist() == [[False, False, False, True, True]]
+    # two layers: destinations compose (layer 1 merges slots 2 and 3 of layer 0)
+    path = token_destinations([layer0, np.array([[0, 1, 2, 2]])])
+    assert path[1].tolist() == [[0, 0, 1, 2, 2]]
+
+
+def test_agreement_of_a_graph_with_itself_is_total(merged_graph):
+    from exporter.agreement import check_reduced_precision
+
+    _, fp32, debug, folder = merged_graph
+    report = check_reduced_precision(
+        "fp32", fp32, fp32, _feeds(2), debug_export=lambda path: debug, convert=lambda src, dst: src
+    )
+    assert report.passed and report.top1_agreement == 1.0 and report.min_cosine > 0.999999
+    assert set(report.layer_agreement.values()) == {1.0} and set(report.cumulative_agreement.values()) == {1.0}
+
+
+def test_int8_quantization_moves_some_decisions_and_the_report_says_so(merged_graph):
+    """Dynamic INT8 perturbs the keys the merge reads: the report must measure, not assume, agreement."""
+    from exporter.agreement import AgreementThresholds, check_reduced_precision
+    from exporter.quantize import convert_precision
+
+    _, fp32, debug, folder = merged_graph
+
+    def convert(src, dst):
+        return convert_precision(src, dst, "int8", "dynamic")
+
+    reduced = convert(fp32, folder / "int8.onnx")
+    report = check_reduced_precision(
+        "int8", fp32, reduced, _feeds(3), lambda path: debug, convert, AgreementThresholds(1.0, 1.0)
+    )
+    layers = list(report.cumulative_agreement.values())
+    assert all(0.0 <= v <= 1.0 for v in report.layer_agreement.values())
+    assert layers == sorted(layers, reverse=True)  # a group once different stays different
+    assert report.passed == (report.top1_agreement == 1.0 and min(report.layer_agreement.values()) == 1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["--precision", "int4"], 2, "invalid choice: 'int4'"),
+        (["--precision", "fp16", "--calibration", "8"], 2, "--calibration applies to --precision int8"),
+        (["--precision", "int8", "--int8-mode", "dynamic", "--calibration", "8"], 2, "with static quantization"),
+        (["--int8-mode", "static"], 2, "--int8-mode applies to --precision int8"),
+        (["--precision", "int8", "--calibration", "/no/such/folder"], 2, "calibration data not found"),
+        (["--precision", "int8", "--calibration", "0"], 2, "needs N >= 1"),
+        (["--precision", "int8", "--min-top1-agreement", "1.5"], 2, "expected a fraction in [0, 1]"),
+        (["--precision", "int8", "--target", "trt"], 4, "TensorRT not installed"),
+    ],
+)
+def test_bad_precision_flags(tmp_path, args, code, fragment):
+    result = cli("test_vit", "--random-init", "--no-bench", "-o", str(tmp_path / "out"), *args, timeout=60)
+    one_line_error(result, code, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_problems_fail_before_export(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli(
+        "test_vit", "--random-init", "--precision", "int8", "--calibration", str(empty), "-o", str(tmp_path / "o")
+    )
+    one_line_error(result, 2, "holds no class folders")
+    assert "export ONNX" not in result.stdout
+    # N samples of "the model's own data" only exist for the models that ship with their data
+    result = cli("test_vit", "--checkpoint", str(_test_vit_checkpoint(tmp_path)), "--precision", "int8",
+                 "--int8-mode", "static", "-o", str(tmp_path / "o"))  # fmt: skip
+    one_line_error(result, 2, "no packaged training data to calibrate on")
+
+
+def _test_vit_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return path
+
+
+def test_int8_static_end_to_end(tmp_path):
+    out = tmp_path / "int8"
+    result = cli("test_vit", "--random-init", "--ratio", "0.9", "--precision", "int8", "--calibration", "16",
+                 "--min-top1-agreement", "0", "--min-decision-agreement", "0", "--runs", "3", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]  # no FP32 copy beside it
+    from exporter.onnx_export import read_metadata
+    from exporter.quantize import reduced_nodes
+
+    proto = onnx.load(out / "model.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    assert reduced_nodes(proto) == []
+    meta = read_metadata(proto)
+    assert meta["precision"] == "int8" and meta["int8_mode"] == "static"
+    assert meta["calibration"].startswith("16 seeded synthetic inputs")
+    parity = json.loads((out / "parity.json").read_text())
+    agreement = parity["precision"]["agreement"]
+    assert agreement["samples"] == 10 and set(agreement["layer_agreement"]) == {
+        f"slots_{i}" for i, r in enumerate(meta["schedule"]["merges"]) if r
+    }
+    bench = json.loads((out / "bench.json").read_text())
+    assert set(bench["speedup_vs_fp32_unmerged"]) == {"merged", "merged fp32", "unmerged int8"}
+    report = (out / "report.md").read_text()
+    assert "## Precision: int8" in report and "seeded synthetic inputs" in report

