@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.parity import cosines, top1_agrees
 from exporter.runners import ort_session
 
 
@@ -71,11 +72,6 @@ class AgreementReport:
                 f"min {t.min_decisions:.0%}), tokens in FP32's groups after the last layer {last:.2%}"
             )
         return line
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a2, b2 = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
-    return (a2 * b2).sum(1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-30)
 
 
 def token_destinations(slots_per_layer: list[np.ndarray]) -> list[np.ndarray]:
@@ -131,13 +127,13 @@ def check_reduced_precision(
     """Compare `reduced_graph` with `fp32_graph` on `feeds`; with `debug_export` (writes the FP32
     debug graph to a path) and `convert` (the same precision conversion), merge decisions too."""
     fp32, reduced = ort_session(fp32_graph, threads=threads), ort_session(reduced_graph, threads=threads)
-    agree, cosines, max_abs = [], [], 0.0
+    agree, cos_parts, max_abs = [], [], 0.0
     for feed in feeds:
         a, b = fp32.run(None, feed)[0], reduced.run(None, feed)[0]
-        agree.append(a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1))
-        cosines.append(_cosine(a, b))
+        agree.append(top1_agrees(a, b))
+        cos_parts.append(cosines(a, b))
         max_abs = max(max_abs, float(np.abs(a - b).max()))
-    cos = np.concatenate(cosines)
+    cos = np.concatenate(cos_parts)
     report = AgreementReport(
         precision=precision,
         samples=int(cos.size),

@@ -58,6 +58,16 @@ def export_metadata(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> 
     return {METADATA_PREFIX + key: value for key, value in props.items()}
 
 
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Write `props` into `metadata_props`, replacing entries with the same keys."""
+    kept = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
     """The `pitome.*` metadata of an exported model, JSON values decoded."""
     out: dict[str, object] = {}
@@ -136,9 +146,7 @@ def export_onnx(
     finally:
         model.train(was_training)
     scope_merge_nodes(proto)
-    for key, value in export_metadata(model, opset, dynamic_batch).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, export_metadata(model, opset, dynamic_batch))
     proto.producer_name = "pitome-export"
     return save_onnx(proto, path)
 

@@ -96,7 +96,13 @@ def parity_feeds(signature: ModelSignature, batch_sizes=(1, 4), batches_per_size
     return feeds
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def top1_agrees(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample, whether two outputs `[B, ...]` have the same arg-max."""
+    return a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample, the cosine similarity of two outputs `[B, ...]` (in float64)."""
     a2, b2 = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
     denom = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
     return (a2 * b2).sum(axis=1) / np.maximum(denom, 1e-30)
@@ -126,10 +132,8 @@ def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances
         ref = [np.asarray(it[name]) for it in ref_iters]
         cand = [np.asarray(it[name]) for it in cand_iters]
         stats = [iteration[name] for iteration in per_iteration]
-        cos = np.concatenate([_cosines(r, c) for r, c in zip(ref, cand)])
-        agree = np.concatenate(
-            [r.reshape(r.shape[0], -1).argmax(-1) == c.reshape(c.shape[0], -1).argmax(-1) for r, c in zip(ref, cand)]
-        )
+        cos = np.concatenate([cosines(r, c) for r, c in zip(ref, cand)])
+        agree = np.concatenate([top1_agrees(r, c) for r, c in zip(ref, cand)])
         elementwise = all(bool(s) for s in stats)
         top1 = float(agree.mean())
         report.outputs.append(

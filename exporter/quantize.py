@@ -23,9 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 
-from exporter.onnx_export import METADATA_PREFIX, merge_node_part, save_onnx
+from exporter.onnx_export import METADATA_PREFIX, merge_node_part, save_onnx, set_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("dynamic", "static")
@@ -64,8 +70,6 @@ def _quiet() -> Iterator[None]:
 
 
 def _int8(src: Path, dst: str, mode: str, keep: list[str], calibration) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     common = dict(per_channel=True, nodes_to_exclude=keep, op_types_to_quantize=QUANTIZED_OPS)
     if mode == "dynamic":
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}, **common)
@@ -125,17 +129,8 @@ def convert_precision(
         "calibration": calibration_source or "none",
         "fp32_nodes": str(len(keep)),
     }
-    _set_metadata(proto, {METADATA_PREFIX + key: value for key, value in stamp.items()})
+    set_metadata(proto, {METADATA_PREFIX + key: value for key, value in stamp.items()})
     return save_onnx(proto, dst)
-
-
-def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
-    kept = [p for p in proto.metadata_props if p.key not in props]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
 
 
 def reduced_nodes(proto: onnx.ModelProto) -> list[str]:

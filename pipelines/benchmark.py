@@ -85,7 +85,7 @@ def benchmark_artifact(
         "batch": batch,
         "threads": job.threads,
         "latency": {name: s.to_dict() for name, s in stats.items()},
-        "precision": getattr(job, "precision", "fp32"),
+        "precision": job.precision,
         "speedup_onnxruntime": ort_speedup,
         "speedup_vs_fp32_unmerged": {
             name.removeprefix("onnxruntime "): reference / s.median_ms

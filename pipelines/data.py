@@ -20,7 +20,6 @@ from ops.errors import PitomeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IDX_SPLITS = {"test": "t10k", "train": "train"}  # file prefix of each split
-IDX_TEST = tuple(f"t10k-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1"))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 NAMED_DATA = ("fashion-mnist", "rotten-tomatoes")  # data sets that install with the project
 
@@ -84,9 +83,15 @@ def named_data(source: str) -> tuple[str, str] | None:
     return name, split
 
 
-def _find_idx(root: Path, split: str = "test") -> tuple[Path, Path] | None:
+def idx_stems(split: str) -> tuple[str, str]:
+    """The (images, labels) file names of an IDX split ("test" or "train"), without `.gz`."""
+    return (f"{IDX_SPLITS[split]}-images-idx3-ubyte", f"{IDX_SPLITS[split]}-labels-idx1-ubyte")
+
+
+def find_idx(root: Path, split: str = "test") -> tuple[Path, Path] | None:
+    """(images, labels) paths of `split` in `root`, gzipped or not; None when either is missing."""
     found = []
-    for stem in (f"{IDX_SPLITS[split]}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")):
+    for stem in idx_stems(split):
         match = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
         if not match:
             return None
@@ -107,7 +112,7 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
         if named[0] != "fashion-mnist":
             raise DataError(f"{named[0]} is text data; an image model needs images")
         root, split = FASHION_MNIST_DIR, named[1]
-        if _find_idx(Path(root), split) is None:
+        if find_idx(Path(root), split) is None:
             raise DataError(
                 f"Fashion-MNIST is not in {root}: apt-get install dataset-fashion-mnist, or pass --data DIR "
                 "with the four IDX files"
@@ -117,7 +122,7 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
         raise DataError(f"data folder not found: {root}")
     mean = np.asarray(data_config["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(data_config["std"], dtype=np.float32)[:, None, None]
-    idx = _find_idx(path, split)
+    idx = find_idx(path, split)
     if idx is not None:
         images, labels = read_idx(idx[0]), read_idx(idx[1])
         if len(images) != len(labels) or images.ndim != 3:
@@ -139,7 +144,9 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
         return LabelledData(f"Fashion-MNIST-style IDX {split} split in {root}", labels, load_idx)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
-        raise DataError(f"{root} holds no class folders (class/*.jpg) and no IDX files ({', '.join(IDX_TEST)})")
+        raise DataError(
+            f"{root} holds no class folders (class/*.jpg) and no IDX files ({', '.join(idx_stems('test'))})"
+        )
     numeric = all(name.isdigit() for name in classes)
     samples = [
         (file, int(name) if numeric else i)

@@ -118,15 +118,20 @@ def _load_timm(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> to
             "pass --checkpoint PATH for local weights or --random-init"
         ) from None
     if checkpoint:
-        try:
-            state = read_state_dict(checkpoint)
-        except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip each raise their own types
-            raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {_first_line(exc)}") from None
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"checkpoint {checkpoint} does not fit {spec.source}: {_first_line(exc)}") from None
+        load_weights(model, checkpoint, spec.source)
     return model
+
+
+def load_weights(module: torch.nn.Module, path: str, what: str) -> None:
+    """Load a weights file into `module`; unreadable or mismatched files are one ModelLoadError line."""
+    try:
+        state = read_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip each raise their own types
+        raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"checkpoint {path} does not fit {what}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

