@@ -191,7 +191,7 @@ def _read_text_rows(path: Path, labelled: bool) -> list[dict]:
     try:
         if path.suffix == ".txt":  # unlabelled snippets, one per line (calibration data)
             with open(path) as handle:
-                return [{"text": line.strip(), "label": -1} for line in handle if line.strip()]
+                return [{"text": line.strip()} for line in handle if line.strip()]
         if path.suffix == ".jsonl":
             with open(path) as handle:
                 return [json.loads(line) for line in handle if line.strip()]
@@ -226,10 +226,12 @@ def open_text_data(
         rows = _read_text_rows(Path(source), labelled)
     if not rows:
         raise DataError(f"{source} holds no rows")
-    if "text" not in rows[0] or "label" not in rows[0]:
+    if labelled and ("text" not in rows[0] or "label" not in rows[0]):
         raise DataError(f"{source} needs 'text' and 'label' fields, found {', '.join(rows[0])}")
-    try:
-        labels = np.asarray([int(row["label"]) for row in rows], dtype=np.int64)
+    if "text" not in rows[0]:
+        raise DataError(f"{source} needs a 'text' field, found {', '.join(rows[0])}")
+    try:  # calibration data needs no labels: -1 where there are none
+        labels = np.asarray([int(row.get("label", -1)) for row in rows], dtype=np.int64)
     except (TypeError, ValueError):
         raise DataError(f"{source}: labels must be integers") from None
     keep = _limit(list(range(len(rows))), limit, seed)

@@ -100,6 +100,23 @@ def test_malformed_text_data(tmp_path, text_model_folder, content, message):
         open_text_data(str(path), str(text_model_folder), 32, ("input_ids",))
 
 
+def test_unlabelled_text_for_calibration(tmp_path, text_model_folder):
+    """Calibration reads text without labels (.txt, or a CSV with only `text`); accuracy refuses it."""
+    txt, csv_path = tmp_path / "c.txt", tmp_path / "c.csv"
+    txt.write_text("a very good film\n\nthe bad plot\n")
+    csv_path.write_text("text\na very good film\n")
+    names = ("input_ids", "attention_mask")
+    assert len(open_text_data(str(txt), str(text_model_folder), 32, names, labelled=False)) == 2
+    assert len(open_text_data(str(csv_path), str(text_model_folder), 32, names, labelled=False)) == 1
+    with pytest.raises(DataError, match="has no labels"):
+        open_text_data(str(txt), str(text_model_folder), 32, names)
+    with pytest.raises(DataError, match="needs 'text' and 'label'"):
+        open_text_data(str(csv_path), str(text_model_folder), 32, names)
+    (tmp_path / "n.csv").write_text("sentence\nhi\n")
+    with pytest.raises(DataError, match="needs a 'text' field"):
+        open_text_data(str(tmp_path / "n.csv"), str(text_model_folder), 32, names, labelled=False)
+
+
 def test_text_data_without_tokenizer(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\nhi,1\n")
