@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import onnx
 from onnx import numpy_helper
 
+from exporter import merge_node
+
 TRT_MIN_OPSET, TRT_MAX_OPSET = 9, 20
 TRT_TOPK_MAX_K = 3840
 # Parser-unsupported operators (TensorRT 10.x operators.md), and ops whose output shape depends
@@ -28,7 +30,8 @@ TRT_UNSUPPORTED = frozenset(
 )  # fmt: skip
 DATA_DEPENDENT_SHAPE = frozenset({"NonZero", "NonMaxSuppression", "Compress"})
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
-PLUGIN_DOMAINS = frozenset({"pitome"})
+PLUGIN_DOMAINS = frozenset({merge_node.DOMAIN})
+PLUGIN_OPS = frozenset(merge_node.OP_TYPES.values())
 # Inputs that TensorRT needs as shape tensors, by op.
 _SHAPE_INPUTS = {
     "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,),
@@ -88,8 +91,10 @@ def trt_compatibility(model: onnx.ModelProto) -> list[Finding]:
             findings.append(Finding(severity, name, op, reason))
 
         if node.domain not in ("", "ai.onnx"):
-            if node.domain not in PLUGIN_DOMAINS:
-                add("error", f"custom domain {node.domain!r} has no TensorRT importer or plugin")
+            if node.domain not in PLUGIN_DOMAINS or op not in PLUGIN_OPS:
+                add("error", f"custom op {node.domain}::{op} has no TensorRT importer or plugin")
+            else:
+                add("warning", "runs as the pitome TensorRT plugin: the builder loads exporter.tensorrt.plugin")
             continue
         if op in TRT_UNSUPPORTED:
             add("error", "operator not supported by TensorRT's ONNX parser")

@@ -68,7 +68,11 @@ def summarize(name: str, batch: int, times_ms: list[float]) -> LatencyStats:
 def time_interleaved(
     candidates: dict[str, Callable[[], object]], batch: int, runs: int = 20, warmup: int = 3
 ) -> dict[str, LatencyStats]:
-    """Time every candidate `runs` times, interleaved, after `warmup` untimed rounds."""
+    """Time every candidate `runs` times, interleaved, after `warmup` untimed rounds.
+
+    Host wall time per call, except for a candidate that returns a float: that is its own
+    measurement in milliseconds (GPU runs timed with CUDA events).
+    """
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -78,6 +82,7 @@ def time_interleaved(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            candidates[name]()
-            times[name].append((time.perf_counter() - start) * 1000.0)
+            measured = candidates[name]()
+            elapsed = (time.perf_counter() - start) * 1000.0
+            times[name].append(measured if isinstance(measured, float) else elapsed)
     return {name: summarize(name, batch, times[name]) for name in names}

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def export_metadata(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> dict[str, str]:
+def export_metadata(model: torch.nn.Module, opset: int, dynamic_batch: bool, merge_impl: str) -> dict[str, str]:
     """`metadata_props` entries: schedule, merge settings, opset and versions, all as strings."""
     schedule = getattr(model, "token_schedule", None)
     merge_config = dict(getattr(model, "merge_config", None) or {})
@@ -49,6 +50,7 @@ def export_metadata(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> 
         "algo": merge_config.get("algo", "none"),
         "ratio": json.dumps(merge_config.get("ratio")),
         "lowering": merge_config.get("lowering", "none"),
+        "merge_impl": merge_impl,
         "schedule": json.dumps(schedule.to_dict() if schedule else None),
         "merge_config": json.dumps(merge_config, sort_keys=True),
         "opset": str(opset),
@@ -88,6 +90,7 @@ def _trace(
     output_names: list[str],
     opset: int,
     dynamic_batch: bool,
+    translations: dict | None = None,
 ) -> onnx.ModelProto:
     dynamic_shapes = None
     if dynamic_batch:
@@ -105,6 +108,7 @@ def _trace(
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translations,
             optimize=True,
             verbose=False,
         )
@@ -120,6 +124,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     seq_len: int | None = None,
     decisions: bool = False,
+    fused: bool = False,
 ) -> Path:
     """Export `model` (patched or not) to ONNX at `path` and return the path.
 
@@ -127,6 +132,8 @@ def export_onnx(
     model with that merge lowering first (same schedule). Names follow Optimum: `pixel_values`
     -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
     each merging layer's token slots as outputs `slots_<layer>` (a debug graph, never shipped).
+    `fused` emits each merge step as one `pitome::TokenMerge` node (the TensorRT plugin's op,
+    `exporter.merge_node`) instead of decomposed ONNX ops.
     """
     if lowering is not None and getattr(model, "merge_config", {}).get("lowering", lowering) != lowering:
         repatch(model, lowering=lowering)
@@ -140,22 +147,32 @@ def export_onnx(
         from exporter.decisions import DecisionWrapper, decision_output_names
 
         wrapper, names = DecisionWrapper(model, sig), names + decision_output_names(model)
+    if fused and decisions:
+        raise ValueError("a decision (debug) export needs the decomposed merge")
+    translations, fusing = None, contextlib.nullcontext()
+    if fused:
+        from exporter.merge_node import fused_merges, translation_table
+
+        translations, fusing = translation_table(), fused_merges(model)
     try:
-        with torch.no_grad():
-            proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch)
+        with torch.no_grad(), fusing:
+            proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch, translations)
     finally:
         model.train(was_training)
     scope_merge_nodes(proto)
-    set_metadata(proto, export_metadata(model, opset, dynamic_batch))
+    set_metadata(proto, export_metadata(model, opset, dynamic_batch, "plugin" if fused else "decomposed"))
     proto.producer_name = "pitome-export"
     return save_onnx(proto, path)
 
 
 MERGE_PARTS = ("assign", "combine")
+_FUSED_SCOPE = re.compile(r"\.(token_merge|token_merges\.\d+)$")  # a TokenMerge module's own path
 
 
 def _merge_part(scope: str) -> str | None:
-    """ "assign" or "combine" when `scope` is a `...token_merge(s.N).assign|combine` module path."""
+    """ "assign", "combine" or "fused" when `scope` is a `...token_merge(s.N)[.assign|.combine]` path."""
+    if _FUSED_SCOPE.search(scope):
+        return "fused"
     part = scope.rsplit(".", 1)[-1]
     return part if part in MERGE_PARTS and ".token_merge" in scope else None
 

@@ -197,7 +197,15 @@ def explain_with_decisions(
 
 
 def verify_export(
-    model, signature: ModelSignature, onnx_path, feeds: list[dict], tol: Tolerances, device, threads=None, scratch=None
+    model,
+    signature: ModelSignature,
+    onnx_path,
+    feeds: list[dict],
+    tol: Tolerances,
+    device,
+    threads=None,
+    scratch=None,
+    providers: str = "cpu",
 ) -> ParityReport:
     """Parity of `onnx_path` vs `model`; a failure is re-judged with merge decisions forced.
 
@@ -211,7 +219,7 @@ def verify_export(
     from exporter.runners import TorchRunner, ort_runner
 
     report = check_parity(
-        TorchRunner(model, signature, str(device)), ort_runner(onnx_path, threads=threads), feeds, tol
+        TorchRunner(model, signature, str(device)), ort_runner(onnx_path, providers, threads=threads), feeds, tol
     )
     schedule = getattr(model, "token_schedule", None)
     if report.passed or schedule is None or not any(schedule.merges):

@@ -17,7 +17,7 @@ from exporter.onnx_export import merge_node_part
 
 
 def profile_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int = 10, threads: int = 2) -> dict:
-    """Kernel time per run (ms) by op type and by part: merge `assign`, merge `combine`, `model`."""
+    """Kernel time per run (ms) by op type and by part: merge `assign`, `combine` (or `fused`), `model`."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="pitome-profile-") as scratch:
@@ -44,10 +44,10 @@ def profile_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int
         by_op[event["args"]["op_name"]] += micros
         by_part[merge_node_part(event["name"].removesuffix("_kernel_time")) or "model"] += micros
     total = sum(by_part.values())
-    merge = by_part["assign"] + by_part["combine"]
+    merge = by_part["assign"] + by_part["combine"] + by_part["fused"]
     return {
         "kernel_ms_per_run": total,
         "by_op_ms": dict(by_op.most_common()),
-        "by_part_ms": {part: by_part[part] for part in ("model", "assign", "combine")},
+        "by_part_ms": {part: by_part[part] for part in ("model", "assign", "combine", "fused") if part in by_part},
         "merge_share": merge / total if total else 0.0,
     }

@@ -87,10 +87,16 @@ class TorchRunner(BaseRunner):
 
 
 def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, spinning: bool = False):
-    """An ONNX Runtime session with fixed intra-op threads and spinning off (fair timing)."""
+    """An ONNX Runtime session with fixed intra-op threads and spinning off (fair timing).
+
+    A graph with fused merge nodes (`--merge-impl plugin`) runs them through the Python
+    reference kernels of `exporter.merge_node`: right numbers, not plugin speed.
+    """
+    import onnx
     import onnxruntime as ort
 
     from exporter.errors import MissingBackendError
+    from exporter.merge_node import plugin_nodes, reference_model
 
     wanted = ORT_PROVIDERS[providers]
     if wanted[0] not in ort.get_available_providers():
@@ -104,6 +110,11 @@ def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | 
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
+    model = onnx.load(str(path), load_external_data=False)
+    if plugin_nodes(model):
+        serialized, library = reference_model(onnx.load(str(path)))
+        options.register_custom_ops_library(library)
+        return ort.InferenceSession(serialized, sess_options=options, providers=wanted)
     return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
 
 

@@ -267,17 +267,46 @@ class MergeCombine(torch.nn.Module):
         return size_weighted_merge(x, size, dst, n_out, self.lowering)
 
 
+@torch.library.custom_op("pitome::token_merge", mutates_args=())
+def token_merge_op(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    metric: torch.Tensor,
+    valid: torch.Tensor | None,
+    kind: str,
+    r: int,
+    margin: float,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole merge step as one operator (`torch.ops.pitome.token_merge`).
+
+    Export maps it to a single `pitome::TokenMerge` node that a TensorRT plugin implements;
+    in PyTorch it runs the same `merge_assignment` and `size_weighted_merge` as `TokenMerge`.
+    """
+    dst, n_out = merge_assignment(metric, MergeStep(kind, r, margin), num_prefix, valid)
+    return size_weighted_merge(x, size, dst, n_out)
+
+
+@token_merge_op.register_fake
+def _token_merge_shapes(x, size, metric, valid, kind, r, margin, num_prefix):
+    n_out = x.shape[1] - r
+    return x.new_empty(x.shape[0], n_out, x.shape[2]), size.new_empty(size.shape[0], n_out, 1)
+
+
 class TokenMerge(torch.nn.Module):
     """One layer's merge as modules, so that an exported graph names its parts by scope.
 
     `assign` holds every decision (similarity, energy, ranking, matching) and `combine` the
     size-weighted mean; export prefixes their nodes with `<module path>.assign/` and
     `.combine/`, which is how reduced-precision passes find the nodes to keep in FP32.
+    With `fused` set, the step runs as the single `pitome::token_merge` operator instead
+    (same numbers), which export emits as one plugin node.
     """
 
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
         super().__init__()
         self.step = step
+        self.fused = False
         self.assign = MergeAssign(step, num_prefix)
         self.combine = MergeCombine(step.lowering)
 
@@ -287,5 +316,8 @@ class TokenMerge(torch.nn.Module):
         """`x [B, N, C]`, `size [B, N, 1]` -> N - r tokens; prefix tokens stay first, untouched."""
         if self.step.r == 0:
             return x, size
+        if self.fused:
+            step = self.step
+            return token_merge_op(x, size, metric, valid, step.kind, step.r, step.margin, self.assign.num_prefix)
         dst, n_out = self.assign(metric, valid)
         return self.combine(x, size, dst, n_out)

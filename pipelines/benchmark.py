@@ -51,8 +51,8 @@ def benchmark_artifact(
     feeds = signature.example_inputs(batch, seed=job.seed)
     numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
     inputs = tuple(feeds[name] for name in signature.input_names)
-    merged_session = ort_session(onnx_path, threads=job.threads)
-    baseline_session = ort_session(baseline, threads=job.threads)
+    merged_session = ort_session(onnx_path, job.ort_provider, threads=job.threads)
+    baseline_session = ort_session(baseline, job.ort_provider, threads=job.threads)
     eager_merged = ExportWrapper(model, signature).eval()
     eager_unmerged = ExportWrapper(unmerged, signature).eval()
 
@@ -69,7 +69,10 @@ def benchmark_artifact(
     candidates = {
         "onnxruntime merged": ort(merged_session),
         "onnxruntime unmerged": ort(baseline_session),
-        **{f"onnxruntime {name}": ort(ort_session(path, threads=job.threads)) for name, path in (extra or {}).items()},
+        **{
+            f"onnxruntime {name}": ort(ort_session(path, job.ort_provider, threads=job.threads))
+            for name, path in (extra or {}).items()
+        },
         "pytorch eager merged": eager(eager_merged),
         "pytorch eager unmerged": eager(eager_unmerged),
     }
@@ -80,7 +83,8 @@ def benchmark_artifact(
     return {
         "how": (
             f"{job.bench_runs} interleaved runs after 3 warm-up rounds, batch {batch}, "
-            f"{job.threads} threads (torch and ORT intra-op), ORT spinning off, CPU {cpu_name()}"
+            f"{job.threads} threads (torch and ORT intra-op), ORT spinning off, ORT provider {job.ort_provider}, "
+            f"CPU {cpu_name()}"
         ),
         "batch": batch,
         "threads": job.threads,

@@ -104,8 +104,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, merging: argparse._ArgumentG
                          help="proportional attention (default: off for pitome, on for tome)")  # fmt: skip
     merging.add_argument("--no-prop-attn", dest="prop_attn", action="store_false")
     out = parser.add_argument_group("export")
-    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter"), default="matmul",
-                     help="merge lowering: one-hot MatMul (default, plugin-free) or ScatterElements add")  # fmt: skip
+    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter", "plugin"), default="matmul",
+                     help="merge lowering: one-hot MatMul (default, plugin-free), ScatterElements add, or one "
+                     "pitome::TokenMerge node per layer for the TensorRT plugin (export only)")  # fmt: skip
     out.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
     validation = parser.add_argument_group("validation")
     validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
@@ -136,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups["export"].add_argument("--target", choices=("onnx", "trt"), default="onnx")
     groups["export"].add_argument("--static-batch", action="store_true", help="fix the batch dimension")
     precision = export.add_argument_group("precision")
-    precision.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                           help="graph precision; the merge subgraph stays FP32 in every one (default fp32)")  # fmt: skip
+    precision.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                           help="graph precision; the merge subgraph stays FP32 in every one (default fp32; "
+                           "bf16 only for --target trt)")  # fmt: skip
     precision.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
                            help="INT8 by run-time activation scales (dynamic, the CPU default) or calibrated "
                            "QDQ (static; what TensorRT builds from)")  # fmt: skip
@@ -149,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--min-decision-agreement", type=_fraction, default=0.99, metavar="F",
                            help="reduced-precision parity: per-layer merge-decision agreement (default 0.99)")  # fmt: skip
     groups["benchmark"].add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
+    groups["benchmark"].add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                                     help="ONNX Runtime execution provider for parity and latency (cuda, tensorrt: "
+                                     "onnxruntime-gpu)")  # fmt: skip
+    trt = export.add_argument_group("tensorrt (--target trt)")
+    trt.add_argument("--min-batch", type=_positive, default=1, help="optimisation profile: smallest batch (default 1)")
+    trt.add_argument("--opt-batch", type=_positive, default=8, help="batch the engine is tuned for (default 8)")
+    trt.add_argument("--max-batch", type=_positive, default=64, help="largest batch (default 64)")
+    trt.add_argument("--workspace", type=_positive, default=4096, metavar="MiB", help="builder workspace limit")
+    trt.add_argument("--timing-cache", metavar="FILE", help="timing cache read before and written after each build")
 
     sweep = sub.add_parser("sweep", help="grid of algos x ratios: accuracy (or agreement) vs throughput plot")
     _add_model_flags(sweep)
@@ -266,6 +277,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:
             int8_mode=args.int8_mode,
             calibration=args.calibration,
             min_agreement=(args.min_top1_agreement, args.min_decision_agreement),
+            trt_batches=(args.min_batch, args.opt_batch, args.max_batch),
+            workspace_mib=args.workspace,
+            timing_cache=args.timing_cache,
+            ort_provider=args.ort_provider,
             **_common(args),
         )
         run_job(job, console)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from exporter.atomic import atomic_write_text, make_temp_dir
-from exporter.errors import MissingBackendError, ParityError
+from exporter.errors import ParityError
 from ops.errors import PitomeError
 from pipelines.models import ModelSpec, load_model, resolve
 
@@ -60,12 +60,26 @@ class ExportJob:
     int8_mode: str | None = None  # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
     calibration: str | None = None  # DIR, FILE, data set name, or a sample count
     min_agreement: tuple[float, float] = (0.99, 0.99)  # reduced precision: (top-1, per-layer decisions)
+    trt_batches: tuple[int, int, int] = (1, 8, 64)  # TensorRT optimisation profile: min, opt, max batch
+    workspace_mib: int = 4096
+    timing_cache: str | None = None
+    ort_provider: str = "cpu"  # ONNX Runtime route for parity and latency: cpu, cuda, tensorrt
     command_line: list[str] = field(default_factory=lambda: ["pitome-export", *sys.argv[1:]])
 
     def default_out(self) -> Path:
         ratio = f"r{self.ratio:g}" if self.schedule is None else "sched"
         precision = "" if self.precision == "fp32" else f"-{self.precision}"
         return Path("artifacts") / f"{self.model}-{self.algo}-{ratio}{precision}-{self.target}"
+
+    @property
+    def fused(self) -> bool:
+        """`--merge-impl plugin`: each merge step exported as one `pitome::TokenMerge` node."""
+        return self.lowering == "plugin"
+
+    @property
+    def patch_lowering(self) -> str:
+        """The lowering the PyTorch model is patched with (the fused op runs the MatMul one)."""
+        return "matmul" if self.fused else self.lowering
 
     def resolved_int8_mode(self) -> str | None:
         """The INT8 mode this job uses (None unless int8): asked, implied by --calibration, or the default."""
@@ -78,25 +92,21 @@ class ExportJob:
 
 def check_target(target: str) -> None:
     """Fail fast (before loading anything) when the target's backend is missing."""
-    import importlib.util
-
     if target not in TARGETS:
         raise PitomeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "trt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise MissingBackendError("TensorRT not installed (pip install pitome-export[trt])")
-        import torch
+        from exporter.tensorrt import require_cuda, require_tensorrt
 
-        if not torch.cuda.is_available():
-            raise MissingBackendError("no CUDA device found: the trt target builds engines on an NVIDIA GPU")
-        raise MissingBackendError("TensorRT engine building is not implemented in this version; use --target onnx")
+        require_tensorrt()
+        require_cuda()
 
 
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
     from exporter.quantize import INT8_MODES, PRECISIONS
+    from exporter.runners import ORT_PROVIDERS
 
-    if job.precision not in PRECISIONS:
+    if job.precision not in (*PRECISIONS, "bf16"):
         raise PitomeError(f"unknown precision {job.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if job.int8_mode is not None and job.int8_mode not in INT8_MODES:
         raise PitomeError(f"unknown INT8 mode {job.int8_mode!r}; choose one of {', '.join(INT8_MODES)}")
@@ -108,6 +118,19 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError("--calibration applies to --precision int8 with static quantization")
     if job.target == "trt" and job.precision == "int8" and job.resolved_int8_mode() != "static":
         raise PitomeError("TensorRT builds INT8 engines from the static QDQ graph: drop --int8-mode dynamic")
+    if job.precision == "bf16" and job.target != "trt":
+        raise PitomeError("--precision bf16 is a TensorRT engine precision: use it with --target trt")
+    if job.fused and job.precision == "int8":
+        raise PitomeError("--merge-impl plugin does not combine with int8: calibration runs the graph on ONNX Runtime")
+    if job.fused and job.precision == "fp16" and job.target == "onnx":
+        raise PitomeError("--merge-impl plugin with fp16 is for --target trt (the engine keeps the plugin in FP32)")
+    if job.ort_provider not in ORT_PROVIDERS:
+        raise PitomeError(
+            f"unknown ONNX Runtime provider {job.ort_provider!r}; choose one of {', '.join(ORT_PROVIDERS)}"
+        )
+    from exporter.tensorrt.build import BatchProfile
+
+    BatchProfile(*job.trt_batches)
 
 
 def prepare_output(job: ExportJob) -> tuple[Path, Path]:
@@ -168,6 +191,9 @@ def run_job(job: ExportJob, console) -> Path:
     print_summary(summary, spec, final, console)
     if not summary["parity"]["passed"]:
         raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")
+    engine = summary.get("engine")
+    if engine is not None and not engine["passed"]:
+        raise ParityError(f"engine parity FAILED: {engine['parity_line']} (artifacts kept in {final} for inspection)")
     agreement = summary["precision"]["agreement"]
     if agreement is not None and not agreement["passed"]:
         line = summary["precision"]["agreement_line"]
@@ -224,7 +250,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
         patch_model(
             model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
-            lowering=job.lowering, **text_kwargs,
+            lowering=job.patch_lowering, **text_kwargs,
         )  # fmt: skip
         schedule = model.token_schedule
         signature = signature_of(model, seq_len)
@@ -240,9 +266,12 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
 
         task = stage("export ONNX")
         dynamic = not job.static_batch
-        reduced = job.precision != "fp32"
+        # TensorRT makes FP16/BF16 engines from the FP32 graph; only INT8 needs a converted (QDQ) graph.
+        reduced = job.precision != "fp32" and not (job.target == "trt" and job.precision in ("fp16", "bf16"))
         fp32_path = Path(scratch) / "model_fp32.onnx" if reduced else out / "model.onnx"
-        fp32_graph = export_onnx(model, None, fp32_path, opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len)
+        fp32_graph = export_onnx(
+            model, None, fp32_path, opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len, fused=job.fused
+        )
         progress.update(task, completed=1)
 
         task = stage("parity vs PyTorch")
@@ -253,7 +282,9 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             size = 2 if job.static_batch else 4
             real = data.batches(size)
             feeds += [next(real)[0] for _ in range(min(2, len(data) // size))]
-        parity = verify_export(model, signature, fp32_graph, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
+        parity = verify_export(
+            model, signature, fp32_graph, feeds, TOLERANCES["fp32"], device, job.threads, scratch, job.ort_provider
+        )
         parity.schedule = schedule.to_dict()
         progress.update(task, completed=1)
 
@@ -284,7 +315,20 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             )  # fmt: skip
             progress.update(task, completed=1)
 
+        engine = None
+        if job.target == "trt":
+            from pipelines.tensorrt_stage import ENGINE_NAME, benchmark_engines, build_and_check
+
+            task = stage(f"build TensorRT engine ({job.precision}) and check it on CUDA")
+            sidecar, engine_parity = build_and_check(job, model, signature, onnx_path, feeds, out)
+            engine = {"sidecar": sidecar, "parity": engine_parity.to_dict(), "parity_line": engine_parity.verdict(),
+                      "passed": engine_parity.passed}  # fmt: skip
+            progress.update(task, completed=1)
+
         bench = accuracy = None
+        ort_bench = job.bench and job.target == "onnx" and not job.fused
+        if job.bench and job.fused and job.target == "onnx":
+            console.print("[yellow]no latency stage: ONNX Runtime runs the plugin node through a Python reference[/]")
         extra_graphs: dict[str, Path] = {}
         if job.bench or data is not None:
             task = stage("export the unmerged baseline")
@@ -296,9 +340,13 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
                 extra_graphs["merged fp32"] = fp32_graph
                 extra_graphs[f"unmerged {job.precision}"] = convert(baseline, Path(scratch) / "unmerged_reduced.onnx")
             progress.update(task, completed=1)
-        if job.bench:
+        if ort_bench:
             task = stage(f"benchmark batch {job.bench_batch} x {job.bench_runs} runs")
             bench = benchmark_artifact(model, unmerged, signature, onnx_path, baseline, job, extra_graphs)
+            progress.update(task, completed=1)
+        if engine is not None and job.bench:
+            task = stage(f"benchmark engines, batch {job.bench_batch} x {job.bench_runs} runs")
+            engine["bench"] = benchmark_engines(job, model, unmerged, signature, out / ENGINE_NAME, baseline, scratch)
             progress.update(task, completed=1)
         if data is not None:
             task = progress.add_task(f"accuracy on {len(data)} samples", total=-(-len(data) // 32))
@@ -324,11 +372,14 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             "agreement_line": agreement.verdict() if agreement is not None else None,
         },
         "bench": bench,
+        "engine": engine,
         "accuracy": accuracy,
     }
     atomic_write_text(out / "schedule.json", json.dumps({**schedule.to_dict(), **model.merge_config}, indent=2))
     parity_record = {"context": context, **parity.to_dict(), "precision": summary["precision"]}
     atomic_write_text(out / "parity.json", json.dumps(parity_record, indent=2))
+    if engine is not None and engine.get("bench"):
+        atomic_write_text(out / "bench.json", json.dumps({"context": context, **engine["bench"]}, indent=2))
     if bench is not None:
         atomic_write_text(out / "bench.json", json.dumps({"context": context, **bench}, indent=2))
         report.print_bench(bench, console)

@@ -110,6 +110,17 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
             precision["precision"] + mode,
             ("[green]PASSED[/]" if ok else "[red]FAILED[/]") + " " + precision["agreement_line"].split("| ", 2)[-1],
         )
+    engine = summary.get("engine")
+    if engine:
+        ok = engine["passed"]
+        table.add_row(
+            "engine",
+            ("[green]PASSED[/]" if ok else "[red]FAILED[/]") + f" vs PyTorch on CUDA ({engine['sidecar']['gpu']})",
+        )
+        if engine.get("bench"):
+            table.add_row(
+                "speed-up", f"tensorrt {engine['bench']['speedup_tensorrt']:.2f}x (batch {engine['bench']['batch']})"
+            )
     if bench:
         table.add_row(
             "speed-up",
@@ -194,6 +205,48 @@ def random_init_banner(ctx: dict, real: str) -> list[str]:
     return [f"> **RANDOM-INIT WEIGHTS**: accuracy figures are meaningless; {real} are real.", ""]
 
 
+def latency_markdown(latency: dict) -> list[str]:
+    """A trtexec-shaped latency table, one row per candidate."""
+    lines = [
+        "| candidate | median ms | min ms | p90 ms | p99 ms | items/s | cv |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in latency.items():
+        noisy = " (noisy)" if s["noisy"] else ""
+        lines.append(
+            f"| {name} | {s['median_ms']:.3g} | {s['min_ms']:.3g} | {s['p90_ms']:.3g} | {s['p99_ms']:.3g} | "
+            f"{s['throughput']:.1f} | {s['cv']:.1%}{noisy} |"
+        )
+    return lines
+
+
+def engine_markdown(engine: dict | None) -> list[str]:
+    """report.md's TensorRT section: how the engine was built, its parity on CUDA, its latency."""
+    if not engine:
+        return []
+    car = engine["sidecar"]
+    profile = car["profile"]
+    lines = [
+        "## TensorRT engine",
+        "",
+        f"`model.engine` ({car['precision']}, merge {car['merge_impl']}) built with TensorRT {car['tensorrt']} on "
+        f"{car['gpu']} in {car['build_seconds']} s; batch profile {profile['min']}/{profile['opt']}/{profile['max']}, "
+        f"workspace {car['workspace_mib']} MiB, timing cache {car['timing_cache'] or 'none'}.",
+        "",
+        f"Parity vs PyTorch on CUDA: {engine['parity_line']}",
+        "",
+    ]
+    bench = engine.get("bench")
+    if bench:
+        lines += [bench["how"], "", *latency_markdown(bench["latency"]), ""]
+        lines += [
+            f"Speed-up merged vs unmerged: TensorRT {bench['speedup_tensorrt']:.2f}x, "
+            f"PyTorch eager on CUDA {bench['speedup_pytorch_eager_cuda']:.2f}x.",
+            "",
+        ]
+    return lines
+
+
 def markdown(summary: dict, spec) -> str:
     """report.md: random-init warning first, then the run context, schedule, parity and latency."""
     ctx, parity, bench = summary["context"], summary["parity"], summary["bench"]
@@ -236,18 +289,10 @@ def markdown(summary: dict, spec) -> str:
         )
     lines += ["", summary["parity_line"], ""]
     lines += precision_markdown(summary.get("precision"))
+    lines += engine_markdown(summary.get("engine"))
     if bench:
         lines += ["## Latency", "", bench["how"], ""]
-        lines += [
-            "| candidate | median ms | min ms | p90 ms | p99 ms | items/s | cv |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, s in bench["latency"].items():
-            noisy = " (noisy)" if s["noisy"] else ""
-            lines.append(
-                f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
-                f"{s['throughput']:.1f} | {s['cv']:.1%}{noisy} |"
-            )
+        lines += latency_markdown(bench["latency"])
         lines += [
             "",
             f"Speed-up merged vs unmerged: ONNX Runtime {bench['speedup_onnxruntime']:.2f}x, "

@@ -1,0 +1,215 @@
+"""The `trt` target and the fused merge: everything that needs no GPU runs here; engine tests skip
+with the reason where TensorRT or CUDA is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from exporter.graph_check import is_trt_compatible, trt_compatibility
+from exporter.merge_node import OP_TYPES, plugin_nodes
+from exporter.onnx_export import export_onnx, merge_node_part
+from exporter.runners import ort_session
+from exporter.tensorrt.build import (
+    BatchProfile,
+    EngineMismatchError,
+    EngineSpec,
+    _pin_merge_layers,
+    check_buildable,
+    check_sidecar,
+    graph_inputs,
+    make_sidecar,
+)
+from ops import patch_model
+from ops.errors import PitomeError
+from tests.cli_helpers import cli, one_line_error
+from tests.models import small_text, small_vit, text_batch
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+needs_engine = pytest.mark.skipif(
+    not (HAS_TENSORRT and torch.cuda.is_available()),
+    reason="needs TensorRT and a CUDA GPU (neither can be installed on this project's CI machines)",
+)
+
+
+@pytest.fixture(scope="module")
+def vision_pair(tmp_path_factory):
+    """A small PiToMe ViT exported twice: decomposed merge and fused plugin nodes."""
+    folder = tmp_path_factory.mktemp("plugin")
+    model = patch_model(small_vit(depth=4), algo="pitome", ratio=0.8)
+    decomposed = export_onnx(model, None, folder / "decomposed.onnx")
+    fused = export_onnx(model, None, folder / "fused.onnx", fused=True)
+    return model, decomposed, fused
+
+
+def test_profile_shapes_follow_trtexec_min_opt_max():
+    shapes = BatchProfile(1, 8, 32).shapes({"pixel_values": (3, 224, 224)})
+    assert shapes == {"pixel_values": ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))}
+    for bad in ((0, 1, 2), (4, 2, 8), (1, 8, 4)):
+        with pytest.raises(PitomeError, match="min <= opt <= max"):
+            BatchProfile(*bad)
+
+
+def test_engine_spec_flags_and_bad_values():
+    assert EngineSpec("fp16").builder_flags() == {"fp16": True, "bf16": False, "int8": False}
+    assert EngineSpec("bf16").builder_flags()["bf16"] and not any(EngineSpec("fp32").builder_flags().values())
+    with pytest.raises(PitomeError, match="unknown engine precision 'fp8'"):
+        EngineSpec("fp8")
+    with pytest.raises(PitomeError, match="at least 1 MiB"):
+        EngineSpec(workspace_mib=0)
+
+
+def test_fused_export_is_one_node_per_merging_layer_and_matches_decomposed(vision_pair):
+    model, decomposed, fused = vision_pair
+    graph = onnx.load(fused)
+    nodes = plugin_nodes(graph)
+    assert len(nodes) == sum(1 for r in model.token_schedule.merges if r) == 4
+    assert {n.op_type for n in nodes} == {OP_TYPES[False]}
+    assert all(merge_node_part(n.name) == "fused" for n in nodes), [n.name for n in nodes]
+    attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["plugin_namespace"] == b"pitome" and attrs["r"] == model.token_schedule.merges[0]
+    assert not any(n.op_type in ("TopK", "Elu") for n in graph.graph.node)  # the decisions live in the node
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    want = ort_session(decomposed).run(None, {"pixel_values": x})[0]
+    got = ort_session(fused).run(None, {"pixel_values": x})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    eager = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, eager, rtol=0, atol=1e-4)
+
+
+def test_fused_text_export_carries_the_mask():
+    model = patch_model(small_text("bert"), algo="pitome", ratio=0.8, seq_len=32)
+    ids, mask = text_batch(32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    folder = __import__("tempfile").mkdtemp()
+    decomposed = export_onnx(model, feeds, f"{folder}/d.onnx", seq_len=32)
+    fused = export_onnx(model, feeds, f"{folder}/f.onnx", seq_len=32, fused=True)
+    assert {n.op_type for n in plugin_nodes(onnx.load(fused))} == {OP_TYPES[True]}
+    numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
+    np.testing.assert_allclose(
+        ort_session(fused).run(None, numpy_feeds)[0], ort_session(decomposed).run(None, numpy_feeds)[0], atol=1e-5
+    )
+
+
+def test_plugin_graph_passes_the_trt_check_with_a_warning(vision_pair):
+    findings = trt_compatibility(onnx.load(vision_pair[2]))
+    assert is_trt_compatible(findings)
+    assert any(f.severity == "warning" and "pitome TensorRT plugin" in f.reason for f in findings)
+
+
+def test_unknown_custom_op_is_refused_by_name():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node("Mystery", ["x"], ["y"], name="odd_node", domain="vendor")
+    model = helper.make_model(
+        helper.make_graph([node], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("vendor", 1)],
+    )
+    with pytest.raises(PitomeError, match=r"graph not TensorRT-compatible: node odd_node: custom op vendor::Mystery"):
+        check_buildable(model)
+
+
+def test_sidecar_records_what_the_engine_computes(vision_pair):
+    model, _, fused = vision_pair
+    graph = onnx.load(fused)
+    spec = EngineSpec("fp16", BatchProfile(1, 4, 16), 512, "cache.bin")
+    car = make_sidecar(graph, spec, "10.9.0", "NVIDIA H100", 12.34)
+    assert car["merge_impl"] == "plugin" and car["merge_layers_fp32"] and car["precision"] == "fp16"
+    assert car["profile"]["shapes"]["pixel_values"] == [[1, 3, 64, 64], [4, 3, 64, 64], [16, 3, 64, 64]]
+    assert car["schedule"]["merges"] == list(model.token_schedule.merges)
+    json.dumps(car)  # written as JSON
+    check_sidecar(car, "10.9.0", "NVIDIA H100")
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 10.9.0 on NVIDIA H100.*rebuild it here"):
+        check_sidecar(car, "10.9.0", "NVIDIA L4")
+    with pytest.raises(EngineMismatchError):
+        check_sidecar(car, "10.13.0", "NVIDIA H100")
+
+
+def test_dynamic_text_axis_is_refused():
+    seq = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "seq"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["input_ids"], ["y"])], "g", [seq], [y]))
+    with pytest.raises(PitomeError, match="dynamic non-batch axis"):
+        graph_inputs(model)
+
+
+def test_reduced_precision_pins_exactly_the_merge_layers_to_fp32(vision_pair):
+    """The builder-side twin of the ONNX block list: layers named by a merge scope stay FP32."""
+    graph = onnx.load(export_onnx(vision_pair[0], None, vision_pair[1].with_name("pin.onnx")))
+    trt = SimpleNamespace(float32="fp32", float16="fp16", bfloat16="bf16")
+
+    class Layer:
+        def __init__(self, name):
+            self.name, self.precision, self.num_outputs, self.types = name, "fp16", 1, ["fp16"]
+
+        def get_output_type(self, i):
+            return self.types[i]
+
+        def set_output_type(self, i, value):
+            self.types[i] = value
+
+    layers = [Layer(node.name) for node in graph.graph.node]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    pinned = _pin_merge_layers(trt, network)
+    merge = [layer for layer in layers if merge_node_part(layer.name)]
+    assert pinned == len(merge) > 0
+    assert all(layer.precision == "fp32" and layer.types == ["fp32"] for layer in merge)
+    assert all(layer.precision == "fp16" for layer in layers if layer not in merge)
+
+
+def test_cuda_event_candidates_report_their_own_time():
+    from exporter.latency import time_interleaved
+
+    stats = time_interleaved({"device": lambda: 2.5, "host": lambda: None}, batch=4, runs=5, warmup=1)
+    assert stats["device"].median_ms == 2.5 and stats["device"].throughput == pytest.approx(1600.0)
+    assert stats["host"].median_ms < 1.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--precision", "bf16"), "--precision bf16 is a TensorRT engine precision"),
+        (("--merge-impl", "plugin", "--precision", "int8"), "--merge-impl plugin does not combine with int8"),
+        (("--ort-provider", "cuda"), "ONNX Runtime provider CUDAExecutionProvider is not available"),
+    ],
+)
+def test_bad_combinations_exit_cleanly(tmp_path, flags, message):
+    code = 4 if "cuda" in flags else 2
+    one_line_error(cli("deit_tiny", "--random-init", *flags, "-o", str(tmp_path / "o")), code, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_plugin_export_passes_parity_through_the_reference_op(tmp_path):
+    out = tmp_path / "plugin"
+    result = cli("deit_tiny", "--random-init", "--ratio", "0.9", "--merge-impl", "plugin", "-o", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no latency stage" in result.stdout
+    graph = onnx.load(out / "model.onnx")
+    merges = json.loads((out / "schedule.json").read_text())["merges"]
+    assert len(plugin_nodes(graph)) == sum(1 for r in merges if r) == 12
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"]
+    assert {p.key: p.value for p in graph.metadata_props}["pitome.merge_impl"] == "plugin"
+
+
+@needs_engine
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("merge_impl", ["matmul", "plugin"])
+def test_engine_matches_pytorch_on_cuda(tmp_path, merge_impl):
+    out = tmp_path / merge_impl
+    result = cli(
+        "deit_tiny", "--random-init", "--target", "trt", "--merge-impl", merge_impl, "--runs", "20",
+        "--timing-cache", str(tmp_path / "cache.bin"), "-o", str(out), timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    car = json.loads((out / "model.engine.json").read_text())
+    assert car["merge_impl"] == ("plugin" if merge_impl == "plugin" else "decomposed")
+    assert (tmp_path / "cache.bin").stat().st_size > 0
+    assert json.loads((out / "bench.json").read_text())["speedup_tensorrt"] > 1.0
