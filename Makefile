@@ -54,5 +54,9 @@ bench: install
 bench-full: install
 	$(BIN)/python -m benchmarks.latency
 
+# The accuracy experiment on the real models' full test sets (results in benchmarks/results/accuracy).
+accuracy: install
+	$(BIN)/python -m benchmarks.accuracy
+
 clean:
 	rm -rf artifacts .pytest_cache .optimum-site

@@ -52,6 +52,7 @@ def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[di
     from exporter.latency import time_interleaved
     from exporter.onnx_export import export_onnx
     from exporter.profiling import profile_ort
+    from exporter.quantize import convert_precision
     from exporter.runners import ort_session
     from exporter.signatures import ExportWrapper, signature_of
     from ops import patch_model, unpatch_model
@@ -75,6 +76,12 @@ def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[di
             if algo == "pitome" and ratio == case.ratios[-1]:
                 eager[name] = ExportWrapper(merged, signature).eval()
     unpatch_model(model)
+    # INT8 (dynamic, the CPU default) beside FP32 for the unmerged graph and the last PiToMe ratio,
+    # so merging and quantization can be read apart and together, all against FP32 unmerged.
+    for name in ("unmerged", f"pitome@{case.ratios[-1]}"):
+        log(f"  quantize {case.model} {name} to int8")
+        graphs[f"{name} int8"] = convert_precision(graphs[name], scratch / f"{name}-int8.onnx", "int8", "dynamic")
+        flops[f"{name} int8"] = flops[name]
     rows = []
     for batch in case.batches:
         feeds = signature.example_inputs(batch, seed=0)
@@ -91,11 +98,13 @@ def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[di
         for label, s in stats.items():
             backend, name = label.split(" ", 1)
             base = stats[f"{backend} unmerged"]
+            precision = "int8" if name.endswith(" int8") else "fp32"
             rows.append(
                 {
                     "model": case.model + (f" (seq {case.seq_len})" if case.seq_len else ""),
                     "backend": "onnxruntime-cpu" if backend == "ort" else "pytorch-eager",
-                    "candidate": name,
+                    "candidate": name.removesuffix(" int8"),
+                    "precision": precision,
                     "batch": batch,
                     "median_ms": s.median_ms,
                     "p90_ms": s.p90_ms,
@@ -131,17 +140,19 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("cpu", "threads")),
         "",
         "Candidates of one model and batch size were timed in one interleaved run (median and p90 of the",
-        "runs after warm-up); speed-up = unmerged median / candidate median on the same backend, next to",
-        "the block-FLOP ideal from the schedule (attention at the tokens entering a block, MLP after its",
-        "merge). `merge share` = the merge subgraph's share of ORT kernel time, profiled.",
+        "runs after warm-up); speed-up = FP32 unmerged median / candidate median on the same backend, next",
+        "to the block-FLOP ideal from the schedule (attention at the tokens entering a block, MLP after its",
+        "merge). INT8 = ONNX Runtime dynamic quantization with the merge kept FP32. `merge share` = the",
+        "merge subgraph's share of ORT kernel time, profiled.",
         "",
-        "| model | backend | candidate | batch | median ms | p90 ms | cv | speed-up | (by min) | FLOP ideal | merge share |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | backend | candidate | precision | batch | median ms | p90 ms | cv | speed-up | (by min) | FLOP ideal "
+        "| merge share |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = f"{r['merge_share']:.1%}" if r["merge_share"] is not None else ""
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['candidate']} | {r['batch']} | {r['median_ms']:.1f} | "
+            f"| {r['model']} | {r['backend']} | {r['candidate']} | {r['precision']} | {r['batch']} | {r['median_ms']:.1f} | "
             f"{r['p90_ms']:.1f} | {r['cv']:.1%} | {r['speedup']:.2f}x | {r['speedup_min']:.2f}x | "
             f"{r['block_flop_ideal']:.2f}x | {share} |"
         )

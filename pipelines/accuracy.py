@@ -37,7 +37,8 @@ def measure_accuracy(
 ) -> dict:
     """Accuracy of both graphs, their prediction agreement, and the change in points.
 
-    `extra` graphs (other precisions) are measured on the same samples; `top1` lists all.
+    `extra` graphs (other precisions, other ratios) are measured on the same samples in the same
+    pass; `top1` and `agreement_with_unmerged` list every graph.
     """
     graphs = {"merged": merged, "unmerged": unmerged, **(extra or {})}
     sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
@@ -60,4 +61,5 @@ def measure_accuracy(
         "delta_points": 100.0 * (top1_merged - top1_unmerged),
         "agreement": float((merged_pred == unmerged_pred).mean()),
         "top1": top1,
+        "agreement_with_unmerged": {name: float((p == unmerged_pred).mean()) for name, p in predicted.items()},
     }

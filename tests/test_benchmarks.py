@@ -44,17 +44,48 @@ def test_latency_harness_rows(tmp_path):
     from benchmarks.latency import Case, markdown, run_case
 
     rows = run_case(Case("test_vit", (0.9,), (2,)), runs=2, threads=2, scratch=tmp_path, log=lambda _: None)
-    candidates = {(r["backend"], r["candidate"]) for r in rows}
+    candidates = {(r["backend"], r["candidate"], r["precision"]) for r in rows}
     assert candidates == {
-        ("onnxruntime-cpu", "unmerged"),
-        ("onnxruntime-cpu", "pitome@0.9"),
-        ("onnxruntime-cpu", "tome@0.9"),
-        ("pytorch-eager", "unmerged"),
-        ("pytorch-eager", "pitome@0.9"),
+        ("onnxruntime-cpu", "unmerged", "fp32"),
+        ("onnxruntime-cpu", "pitome@0.9", "fp32"),
+        ("onnxruntime-cpu", "tome@0.9", "fp32"),
+        ("onnxruntime-cpu", "unmerged", "int8"),
+        ("onnxruntime-cpu", "pitome@0.9", "int8"),
+        ("pytorch-eager", "unmerged", "fp32"),
+        ("pytorch-eager", "pitome@0.9", "fp32"),
     }
-    by_name = {(r["backend"], r["candidate"]): r for r in rows}
-    assert by_name[("onnxruntime-cpu", "unmerged")]["speedup"] == 1.0
-    assert by_name[("onnxruntime-cpu", "pitome@0.9")]["block_flop_ideal"] > 1.0
-    assert by_name[("onnxruntime-cpu", "pitome@0.9")]["merge_share"] is not None
+    by_name = {(r["backend"], r["candidate"], r["precision"]): r for r in rows}
+    assert by_name[("onnxruntime-cpu", "unmerged", "fp32")]["speedup"] == 1.0
+    assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["block_flop_ideal"] > 1.0
+    assert by_name[("onnxruntime-cpu", "pitome@0.9", "int8")]["block_flop_ideal"] > 1.0
+    assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["merge_share"] is not None
     table = markdown(rows, {"cpu": "test", "threads": 2}, "cmd", 1.0)
-    assert table.count("\n| test_vit |") == 5
+    assert table.count("\n| test_vit |") == 7 and "| pitome@0.9 | int8 |" in table
+
+
+def _point(algo, prop, ratio, top1):
+    return {
+        "algo": algo, "prop_attn": prop, "ratio": ratio, "top1": top1, "agreement": 0.9, "speedup": 1.5,
+        "block_gflops_merged": ratio, "block_gflops_unmerged": 1.0, "block_flop_speedup": 1 / ratio,
+    }  # fmt: skip
+
+
+def test_accuracy_experiment_compares_at_equal_flops(tmp_path):
+    from benchmarks.accuracy import comparison, draw, markdown
+
+    points = [
+        _point("pitome", False, 0.9, 0.80), _point("tome", False, 0.9, 0.78),
+        _point("pitome", True, 0.9, 0.75), _point("tome", True, 0.9, 0.76),
+        _point("pitome", False, 0.8, 0.70), _point("tome", False, 0.8, 0.70),
+    ]  # fmt: skip
+    rows = comparison(points)
+    assert [(r["prop_attn"], r["ratio"]) for r in rows] == [(False, 0.9), (False, 0.8), (True, 0.9)]
+    assert [round(r["pitome_minus_tome"], 6) for r in rows] == [2.0, 0.0, -1.0]
+    context = {"weights": "trained here", "cpu": "cpu", "threads": 2, "versions": {"torch": "x"}}
+    result = {"model": "m", "unmerged": {"top1": 0.82, "samples": 100, "data": "d"}, "points": points,
+              "context": context, "note": "a note"}  # fmt: skip
+    text = markdown(result, "python -m benchmarks.accuracy", 1.0)
+    assert "ahead at 1 of 3 equal-FLOP points, tied at 1, behind at 1" in text
+    assert "| pitome | on | 0.9 |" in text and "a note" in text
+    draw(result, tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

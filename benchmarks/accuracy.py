@@ -1,0 +1,189 @@
+"""The accuracy experiment: PiToMe vs ToMe, with and without proportional attention, on the full
+test sets of the project's two real models, through ONNX Runtime, against block FLOPs.
+
+    python -m benchmarks.accuracy                               # make accuracy: both models
+    python -m benchmarks.accuracy --models minilm_sentiment     # one model
+    python -m benchmarks.accuracy --limit 500 --out /tmp/acc    # a quick look
+
+Each (model, proportional-attention setting) is one `pitome-export sweep`: every point exported,
+checked for parity, timed in one interleaved run with the unmerged graph, and scored on the test
+set in one pass over the data. PiToMe and ToMe share the schedule at each ratio, so each ratio
+compares them at equal FLOPs. Results: `benchmarks/results/accuracy/<model>.{md,json,png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.atomic import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    data: str
+    ratios: tuple[float, ...]
+    prop_attn: tuple[bool, ...]
+    note: str = ""
+
+
+EXPERIMENTS = {
+    "vit_fmnist": Experiment("fashion-mnist", (0.975, 0.95, 0.925, 0.9, 0.875, 0.85), (False, True)),
+    "minilm_sentiment": Experiment(
+        "rotten-tomatoes",
+        (0.9, 0.8, 0.7, 0.6, 0.55),
+        (False,),
+        note="Proportional attention is not implemented for text models, so text has one setting (off).",
+    ),  # fmt: skip
+}
+
+
+def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int | None, console) -> dict:
+    """One sweep per proportional-attention setting; their points and the unmerged baseline."""
+    from pipelines.sweep import SweepJob, run_sweep
+
+    points, unmerged = [], None
+    for prop in exp.prop_attn:
+        out = scratch / f"{model}-prop-{'on' if prop else 'off'}"
+        job = SweepJob(
+            model=model, ratios=list(exp.ratios), algos=["pitome", "tome"], prop_attn=prop, data=exp.data,
+            limit=limit, out=str(out), force=True, bench_runs=runs,
+        )  # fmt: skip
+        run_sweep(job, console)
+        result = json.loads((out / "sweep.json").read_text())
+        points += result["points"]
+        unmerged = unmerged or {**result["unmerged"], "samples": result["samples"], "data": result["data"]}
+        context = result["context"]
+    return {"model": model, "unmerged": unmerged, "points": points, "context": context, "note": exp.note}
+
+
+def comparison(points: list[dict]) -> list[dict]:
+    """PiToMe minus ToMe top-1 (points) at each ratio and setting: equal schedules, equal FLOPs."""
+    rows = []
+    for prop in sorted({p["prop_attn"] for p in points}):
+        for ratio in sorted({p["ratio"] for p in points}, reverse=True):
+            pair = {p["algo"]: p for p in points if p["ratio"] == ratio and p["prop_attn"] == prop}
+            if {"pitome", "tome"} <= pair.keys():
+                delta = 100 * (pair["pitome"]["top1"] - pair["tome"]["top1"])
+                rows.append({"prop_attn": prop, "ratio": ratio, "pitome_minus_tome": delta})
+    return rows
+
+
+def markdown(result: dict, command: str, minutes: float) -> str:
+    ctx, base = result["context"], result["unmerged"]
+    lines = [
+        f"# Accuracy vs FLOPs: {result['model']}",
+        "",
+        f"`{command}` ({minutes:.0f} min). {base['samples']} test samples ({base['data']}), through ONNX Runtime CPU; "
+        f"weights: {ctx['weights']}.",
+        f"CPU {ctx['cpu']}, {ctx['threads']} threads; versions: "
+        + ", ".join(f"{k} {v}" for k, v in ctx["versions"].items()),
+        "",
+        "Block FLOPs per item from the schedule; measured speed-up = unmerged median / point median, all graphs of "
+        "one setting timed in one interleaved run (batch 8). Agreement = share of predictions equal to the unmerged "
+        "graph's.",
+        "",
+        "| algo | prop. attn | ratio | block GFLOPs | FLOP speed-up | measured speed-up | top-1 | change (points) | "
+        "agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| unmerged | - | 1 | {result['points'][0]['block_gflops_unmerged']:.3f} | 1.00x | 1.00x | "
+        f"{base['top1']:.2%} | - | 100% |",
+    ]
+    for p in sorted(result["points"], key=lambda p: (p["algo"], p["prop_attn"], -p["ratio"])):
+        lines.append(
+            f"| {p['algo']} | {'on' if p['prop_attn'] else 'off'} | {p['ratio']} | {p['block_gflops_merged']:.3f} | "
+            f"{p['block_flop_speedup']:.2f}x | {p['speedup']:.2f}x | {p['top1']:.2%} | "
+            f"{100 * (p['top1'] - base['top1']):+.2f} | {p['agreement']:.2%} |"
+        )
+    rows = comparison(result["points"])
+    wins = sum(r["pitome_minus_tome"] > 0 for r in rows)
+    ties = sum(r["pitome_minus_tome"] == 0 for r in rows)
+    lines += [
+        "",
+        "PiToMe minus ToMe at equal FLOPs (points): "
+        + ", ".join(f"{r['ratio']} {'on' if r['prop_attn'] else 'off'} {r['pitome_minus_tome']:+.2f}" for r in rows),
+        "",
+        f"PiToMe is ahead at {wins} of {len(rows)} equal-FLOP points, tied at {ties}, behind at "
+        f"{len(rows) - wins - ties}.",
+    ]
+    if result["note"]:
+        lines += ["", result["note"]]
+    lines += ["", f"![accuracy vs block FLOPs]({result['model']}.png)", ""]
+    return "\n".join(lines)
+
+
+def draw(result: dict, path: Path) -> None:
+    """Top-1 vs block GFLOPs per item: one line per algorithm and setting, the unmerged model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = {"pitome": "tab:blue", "tome": "tab:orange"}
+    for algo in ("pitome", "tome"):
+        for prop in sorted({p["prop_attn"] for p in result["points"]}):
+            pts = sorted((p for p in result["points"] if p["algo"] == algo and p["prop_attn"] == prop),
+                         key=lambda p: p["block_gflops_merged"])  # fmt: skip
+            if pts:
+                ax.plot([p["block_gflops_merged"] for p in pts], [100 * p["top1"] for p in pts], marker="o",
+                        color=styles[algo], linestyle="-" if not prop else "--",
+                        label=f"{algo}, prop. attn {'on' if prop else 'off'}")  # fmt: skip
+    base = result["unmerged"]
+    ax.plot([result["points"][0]["block_gflops_unmerged"]], [100 * base["top1"]], marker="*", markersize=13,
+            color="black", linestyle="none", label="unmerged")  # fmt: skip
+    ax.set_xlabel("block GFLOPs per item")
+    ax.set_ylabel(f"top-1 accuracy (%), {base['samples']} test samples")
+    ax.set_title(f"{result['model']}: accuracy vs FLOPs (ONNX Runtime)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(EXPERIMENTS), help="comma-separated: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--limit", type=int, default=None, help="first N test samples (seeded); default: all")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per graph (default 20)")
+    parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
+    parser.add_argument("--scratch", default="artifacts/accuracy", help="folder for the per-sweep artifacts")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    from ops.errors import PitomeError
+
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.accuracy " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for model in args.models.split(","):
+        if model not in EXPERIMENTS:
+            print(f"benchmarks.accuracy: error: unknown model {model!r}; choose from {', '.join(EXPERIMENTS)}")
+            return 2
+        began = time.perf_counter()
+        try:
+            result = run_model(model, EXPERIMENTS[model], Path(args.scratch), args.runs, args.limit, console)
+        except PitomeError as exc:
+            print(f"benchmarks.accuracy: error: {exc}", file=sys.stderr)
+            return 2
+        minutes = (time.perf_counter() - began) / 60
+        atomic_write_text(out / f"{model}.json", json.dumps({"command": command, **result}, indent=2))
+        draw(result, out / f"{model}.png")
+        atomic_write_text(out / f"{model}.md", markdown(result, command, minutes))
+        console.print(f"[bold]{model}:[/] {out / (model + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
