@@ -47,8 +47,14 @@ QUICK = (Case("deit_small", (0.9,), (8,)), Case("bert_base", (0.7,), (8,), seq_l
 ALGOS = ("pitome", "tome")
 
 
-def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[dict]:
-    """Every batch size of one model: export each variant once, time them interleaved."""
+def run_case(
+    case: Case, runs: int, threads: int, scratch: Path, log, breakdowns: list[dict] | None = None
+) -> list[dict]:
+    """Every batch size of one model: export each variant once, time them interleaved.
+
+    The PiToMe graph at the last ratio is also profiled; its merge breakdown goes to `breakdowns`.
+    """
+    breakdowns = [] if breakdowns is None else breakdowns
     from exporter.latency import time_interleaved
     from exporter.onnx_export import export_onnx
     from exporter.profiling import profile_ort
@@ -95,6 +101,7 @@ def run_case(case: Case, runs: int, threads: int, scratch: Path, log) -> list[di
         stats = time_interleaved(candidates, batch, runs=runs)
         pitome_last = f"pitome@{case.ratios[-1]}"
         profile = profile_ort(graphs[pitome_last], arrays, runs=5, threads=threads)
+        breakdowns.append({"model": case.model, "graph": pitome_last, "batch": batch, **profile})
         for label, s in stats.items():
             backend, name = label.split(" ", 1)
             base = stats[f"{backend} unmerged"]
@@ -131,7 +138,22 @@ def environment(threads: int) -> dict:
     return {"python": platform.python_version(), **package_versions(), "cpu": cpu_name(), "threads": threads}
 
 
-def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
+def breakdown_markdown(breakdowns: list[dict]) -> list[str]:
+    """Where the merge's time goes, by part and op type (ONNX Runtime profiler, kernel time per run)."""
+    lines = []
+    for b in breakdowns:
+        parts = b["by_part_ms"]
+        merge_ms = sum(v for k, v in parts.items() if k != "model")
+        top = ", ".join(f"{name} {ms:.1f}" for name, ms in list(b["merge_by_op_ms"].items())[:8])
+        lines += [
+            f"- {b['model']} {b['graph']} batch {b['batch']}: kernel time {b['kernel_ms_per_run']:.1f} ms per run, "
+            f"merge {merge_ms:.1f} ms = {b['merge_share']:.1%} ({b['merge_nodes_per_run']} merge nodes; assign "
+            f"{parts.get('assign', 0):.1f} ms, combine {parts.get('combine', 0):.1f} ms). Largest (ms): {top}.",
+        ]
+    return ["", "## Merge breakdown", "", *lines] if lines else []
+
+
+def markdown(rows: list[dict], env: dict, command: str, seconds: float, breakdowns: list[dict] = ()) -> str:
     lines = [
         "# Latency: merged vs unmerged",
         "",
@@ -156,6 +178,7 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
             f"{r['p90_ms']:.1f} | {r['cv']:.1%} | {r['speedup']:.2f}x | {r['speedup_min']:.2f}x | "
             f"{r['block_flop_ideal']:.2f}x | {share} |"
         )
+    lines += breakdown_markdown(list(breakdowns))
     return "\n".join(lines) + "\n"
 
 
@@ -176,17 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (RESULTS / ("quick" if args.quick else "full"))
     start = time.perf_counter()
     rows: list[dict] = []
+    breakdowns: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="pitome-bench-") as scratch:
         for i, case in enumerate(cases):
             folder = Path(scratch) / str(i)
             folder.mkdir()
-            rows += run_case(case, args.runs, args.threads, folder, console.print)
+            rows += run_case(case, args.runs, args.threads, folder, console.print, breakdowns)
     env = environment(args.threads)
     command = shlex.join(["python", "-m", "benchmarks.latency", *(argv if argv is not None else sys.argv[1:])])
-    text = markdown(rows, env, command, time.perf_counter() - start)
+    text = markdown(rows, env, command, time.perf_counter() - start, breakdowns)
     atomic_write_text(out / "latency.md", text)
     atomic_write_text(
-        out / "latency.json", json.dumps({"command": command, "environment": env, "rows": rows}, indent=2)
+        out / "latency.json",
+        json.dumps({"command": command, "environment": env, "rows": rows, "merge_breakdown": breakdowns}, indent=2),
     )
     console.print(text)
     return 0

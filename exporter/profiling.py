@@ -39,10 +39,14 @@ def profile_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int
     kernels = kernels[-per_run * runs :]
     by_op: Counter = Counter()
     by_part: Counter = Counter()
+    merge_by_op: Counter = Counter()
     for event in kernels:
         micros = event["dur"] / runs / 1000.0
-        by_op[event["args"]["op_name"]] += micros
-        by_part[merge_node_part(event["name"].removesuffix("_kernel_time")) or "model"] += micros
+        op, part = event["args"]["op_name"], merge_node_part(event["name"].removesuffix("_kernel_time"))
+        by_op[op] += micros
+        by_part[part or "model"] += micros
+        if part:
+            merge_by_op[f"{part} {op}"] += micros
     total = sum(by_part.values())
     merge = by_part["assign"] + by_part["combine"] + by_part["fused"]
     return {
@@ -50,4 +54,7 @@ def profile_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int
         "by_op_ms": dict(by_op.most_common()),
         "by_part_ms": {part: by_part[part] for part in ("model", "assign", "combine", "fused") if part in by_part},
         "merge_share": merge / total if total else 0.0,
+        "merge_by_op_ms": dict(merge_by_op.most_common()),
+        "merge_nodes_per_run": sum(1 for e in kernels if merge_node_part(e["name"].removesuffix("_kernel_time")))
+        // runs,
     }

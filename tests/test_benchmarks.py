@@ -43,7 +43,8 @@ def test_profile_splits_merge_from_model(tmp_path):
 def test_latency_harness_rows(tmp_path):
     from benchmarks.latency import Case, markdown, run_case
 
-    rows = run_case(Case("test_vit", (0.9,), (2,)), runs=2, threads=2, scratch=tmp_path, log=lambda _: None)
+    breakdowns: list[dict] = []
+    rows = run_case(Case("test_vit", (0.9,), (2,)), 2, 2, tmp_path, lambda _: None, breakdowns)
     candidates = {(r["backend"], r["candidate"], r["precision"]) for r in rows}
     assert candidates == {
         ("onnxruntime-cpu", "unmerged", "fp32"),
@@ -59,8 +60,9 @@ def test_latency_harness_rows(tmp_path):
     assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["block_flop_ideal"] > 1.0
     assert by_name[("onnxruntime-cpu", "pitome@0.9", "int8")]["block_flop_ideal"] > 1.0
     assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["merge_share"] is not None
-    table = markdown(rows, {"cpu": "test", "threads": 2}, "cmd", 1.0)
+    table = markdown(rows, {"cpu": "test", "threads": 2}, "cmd", 1.0, breakdowns)
     assert table.count("\n| test_vit |") == 7 and "| pitome@0.9 | int8 |" in table
+    assert len(breakdowns) == 1 and breakdowns[0]["merge_by_op_ms"] and "## Merge breakdown" in table
 
 
 def _point(algo, prop, ratio, top1):
