@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from exporter.errors import MissingBackendError
 from exporter.graph_check import is_trt_compatible, trt_compatibility
 from exporter.merge_node import OP_TYPES, plugin_nodes
 from exporter.onnx_export import export_onnx, merge_node_part
@@ -112,7 +113,9 @@ def test_unknown_custom_op_is_refused_by_name():
         helper.make_graph([node], "g", [x], [y]),
         opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("vendor", 1)],
     )
-    with pytest.raises(PitomeError, match=r"graph not TensorRT-compatible: node odd_node: custom op vendor::Mystery"):
+    with pytest.raises(
+        MissingBackendError, match=r"graph not TensorRT-compatible: node odd_node: custom op vendor::Mystery"
+    ):
         check_buildable(model)
 
 

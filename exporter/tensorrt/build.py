@@ -81,12 +81,16 @@ def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 
 def check_buildable(model: onnx.ModelProto) -> None:
-    """Refuse, naming the first offending node, a graph TensorRT's ONNX parser would reject."""
+    """Refuse, naming the first offending node, a graph TensorRT's ONNX parser would reject.
+
+    Exit 4 like the other missing pieces of the trt target: TensorRT has no support for it.
+    """
+    from exporter.errors import MissingBackendError
     from exporter.graph_check import trt_compatibility
 
     for finding in trt_compatibility(model):
         if finding.severity == "error":
-            raise PitomeError(f"graph not TensorRT-compatible: node {finding.node}: {finding.reason}")
+            raise MissingBackendError(f"graph not TensorRT-compatible: node {finding.node}: {finding.reason}")
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
