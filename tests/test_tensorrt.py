@@ -149,22 +149,26 @@ def test_reduced_precision_pins_exactly_the_merge_layers_to_fp32(vision_pair):
     trt = SimpleNamespace(float32="fp32", float16="fp16", bfloat16="bf16")
 
     class Layer:
-        def __init__(self, name):
-            self.name, self.precision, self.num_outputs, self.types = name, "fp16", 1, ["fp16"]
+        def __init__(self, name, dtype):
+            self.name, self.precision, self.num_outputs = name, "default", 1
+            self.outputs = [SimpleNamespace(dtype=dtype)]
 
-        def get_output_type(self, i):
-            return self.types[i]
+        def get_output(self, i):
+            return self.outputs[i]
 
         def set_output_type(self, i, value):
-            self.types[i] = value
+            self.outputs[i].dtype = value
 
-    layers = [Layer(node.name) for node in graph.graph.node]
+    kinds = {1: "fp16", 7: "int64", 9: "bool"}  # the graph's float / index / mask tensors, as TensorRT types
+    element = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(graph).graph.value_info}
+    layers = [Layer(node.name, kinds.get(element.get(node.output[0]), "fp16")) for node in graph.graph.node]
     network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
     pinned = _pin_merge_layers(trt, network)
     merge = [layer for layer in layers if merge_node_part(layer.name)]
-    assert pinned == len(merge) > 0
-    assert all(layer.precision == "fp32" and layer.types == ["fp32"] for layer in merge)
-    assert all(layer.precision == "fp16" for layer in layers if layer not in merge)
+    floating = [layer for layer in merge if layer.outputs[0].dtype != "int64" and layer.outputs[0].dtype != "bool"]
+    assert pinned == len(floating) > 0 and len(floating) < len(merge)  # index and mask layers are left alone
+    assert all(layer.precision == "fp32" and layer.outputs[0].dtype == "fp32" for layer in floating)
+    assert all(layer.precision == "default" for layer in layers if layer not in floating)
 
 
 def test_cuda_event_candidates_report_their_own_time():

@@ -136,17 +136,19 @@ def check_sidecar(sidecar: dict, tensorrt_version: str, gpu: str) -> None:
 
 
 def _pin_merge_layers(trt, network) -> int:
-    """Keep every merge layer (decisions and weighted mean) in FP32; returns how many were pinned."""
+    """Keep every floating-point merge layer (decisions and weighted mean) in FP32; returns how many."""
     from exporter.onnx_export import merge_node_part
 
+    floats = (trt.float32, trt.float16, trt.bfloat16)
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if merge_node_part(layer.name) is None:
+        # Integer and boolean layers (indices, masks) have no reduced precision to avoid.
+        if merge_node_part(layer.name) is None or layer.get_output(0).dtype not in floats:
             continue
         layer.precision = trt.float32
         for out in range(layer.num_outputs):
-            if layer.get_output_type(out) in (trt.float16, trt.bfloat16):
+            if layer.get_output(out).dtype in floats:
                 layer.set_output_type(out, trt.float32)
         pinned += 1
     return pinned

@@ -51,7 +51,7 @@ def token_merge_desc(
 
 
 @trtp.autotune(f"{DOMAIN}::{OP_TYPES[False]}")
-def token_merge_formats(x, size, metric, outputs) -> list:
+def token_merge_formats(x, size, metric, outputs):
     return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, FP32")]
 
 
@@ -72,7 +72,7 @@ def token_merge_masked_desc(
 
 
 @trtp.autotune(f"{DOMAIN}::{OP_TYPES[True]}")
-def token_merge_masked_formats(x, size, metric, valid, outputs) -> list:
+def token_merge_masked_formats(x, size, metric, valid, outputs):
     return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, FP32, FP32")]
 
 
