@@ -91,3 +91,19 @@ def test_accuracy_experiment_compares_at_equal_flops(tmp_path):
     assert "| pitome | on | 0.9 |" in text and "a note" in text
     draw(result, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_name_carries_the_simd_features_that_decide_int8_speed():
+    from pathlib import Path
+
+    from exporter.runners import SIMD_FEATURES, cpu_name
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []
+    )
+    name = cpu_name()
+    for feature in SIMD_FEATURES:
+        assert (feature in name) == (feature in flags), (feature, name)
