@@ -102,6 +102,21 @@ class TorchRunner(BaseRunner):
         self.wrapper.to("cpu")
 
 
+def require_ort_provider(providers: str) -> list[str]:
+    """The provider list for `providers` (cpu, cuda, tensorrt); MissingBackendError if ORT lacks it."""
+    import onnxruntime as ort
+
+    from exporter.errors import MissingBackendError
+
+    wanted = ORT_PROVIDERS[providers]
+    if wanted[0] not in ort.get_available_providers():
+        raise MissingBackendError(
+            f"ONNX Runtime provider {wanted[0]} is not available (installed: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for CUDA/TensorRT"
+        )
+    return wanted
+
+
 def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, spinning: bool = False):
     """An ONNX Runtime session with fixed intra-op threads and spinning off (fair timing).
 
@@ -111,15 +126,9 @@ def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | 
     import onnx
     import onnxruntime as ort
 
-    from exporter.errors import MissingBackendError
     from exporter.merge_node import plugin_nodes, reference_model
 
-    wanted = ORT_PROVIDERS[providers]
-    if wanted[0] not in ort.get_available_providers():
-        raise MissingBackendError(
-            f"ONNX Runtime provider {wanted[0]} is not available (installed: {', '.join(ort.get_available_providers())}); "
-            "install onnxruntime-gpu for CUDA/TensorRT"
-        )
+    wanted = require_ort_provider(providers)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

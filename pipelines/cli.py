@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from rich.console import Console
 
+    from pipelines import interrupts
+
     console = Console()
+    interrupts.install()
     try:
         return _dispatch(args, console)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from typing import TypeVar
 from exporter.atomic import atomic_write_text, make_temp_dir
 from exporter.errors import ParityError
 from ops.errors import PitomeError
+from pipelines import interrupts
 from pipelines.models import ModelSpec, load_model, resolve
 
 TARGETS = ("onnx", "trt")
@@ -104,7 +105,7 @@ def check_target(target: str) -> None:
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
     from exporter.quantize import INT8_MODES, PRECISIONS
-    from exporter.runners import ORT_PROVIDERS
+    from exporter.runners import ORT_PROVIDERS, require_ort_provider
 
     if job.precision not in (*PRECISIONS, "bf16"):
         raise PitomeError(f"unknown precision {job.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -128,9 +129,18 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError(
             f"unknown ONNX Runtime provider {job.ort_provider!r}; choose one of {', '.join(ORT_PROVIDERS)}"
         )
-    from exporter.tensorrt.build import BatchProfile
+    if job.ort_provider != "cpu":
+        require_ort_provider(job.ort_provider)  # before any export work
+    if job.target == "trt":
+        from exporter.tensorrt.build import BatchProfile
 
-    BatchProfile(*job.trt_batches)
+        profile = BatchProfile(*job.trt_batches)
+        if job.static_batch:
+            raise PitomeError("--static-batch does not combine with --target trt: the engine's batch profile sets it")
+        if job.bench and not profile.min <= job.bench_batch <= profile.max:
+            raise PitomeError(
+                f"--batch {job.bench_batch} is outside the engine's batch profile {profile.min}..{profile.max}"
+            )
 
 
 def prepare_output(job: ExportJob) -> tuple[Path, Path]:
@@ -172,6 +182,7 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
     final, tmp = prepare_output(job)
     try:
         result = build(tmp)
+        interrupts.check()  # a Ctrl-C that a library swallowed still stops the publish
         publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,6 +250,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
     with progress, tempfile.TemporaryDirectory(prefix="pitome-scratch-") as scratch:
 
         def stage(text: str):
+            interrupts.check()
             return progress.add_task(text, total=1)
 
         task = stage(f"load {spec.name}")

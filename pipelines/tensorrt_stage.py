@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from exporter.latency import time_interleaved
-from exporter.parity import TOLERANCES, check_parity
+from exporter.parity import TOLERANCES, Tolerances, check_parity
 from exporter.runners import TorchRunner
 from exporter.signatures import ExportWrapper, ModelSignature
 from exporter.tensorrt.build import BatchProfile, EngineSpec, build_engine
 from exporter.tensorrt.runner import TensorRTRunner
+from ops.errors import PitomeError
 
 ENGINE_NAME = "model.engine"
 
@@ -33,7 +34,11 @@ def build_and_check(
     spec = engine_spec(job)
     sidecar = build_engine(onnx_path, out / ENGINE_NAME, spec)
     tolerance = TOLERANCES["fp32" if job.precision == "fp32" else "fp16"]
+    if job.precision == "int8":  # judged like the INT8 graph: top-1 agreement, not elementwise error
+        tolerance = Tolerances(atol=float("inf"), rtol=float("inf"), min_top1=job.min_agreement[0])
     fits = [feed for feed in feeds if spec.profile.min <= len(next(iter(feed.values()))) <= spec.profile.max]
+    if not fits:
+        raise PitomeError(f"no parity batch fits the engine's batch profile {spec.profile.min}..{spec.profile.max}")
     report = check_parity(TorchRunner(model, signature, "cuda"), TensorRTRunner(out / ENGINE_NAME), fits, tolerance)
     return sidecar, report
 

@@ -217,3 +217,25 @@ def test_sweep_writes_plot_and_table(tmp_path):
 def test_sweep_bad_ratio_list(tmp_path):
     one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be in (0, 1]")
     one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
+    """A library's bare `except:` can drop the KeyboardInterrupt; the recorded interrupt still counts."""
+    from pipelines import interrupts
+    from pipelines.export_job import ExportJob, build_output_folder
+
+    def build(folder):
+        (folder / "model.onnx").write_text("half")
+        try:
+            interrupts.INTERRUPTED.set()  # what the SIGINT handler records
+            raise KeyboardInterrupt
+        except BaseException:  # noqa: BLE001 - the library that swallows it
+            pass
+        return "done"
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_output_folder(ExportJob(model="test_vit", out=str(tmp_path / "o")), build)
+    finally:
+        interrupts.INTERRUPTED.clear()
+    assert list(tmp_path.iterdir()) == []

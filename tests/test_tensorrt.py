@@ -195,12 +195,12 @@ def test_bad_combinations_exit_cleanly(tmp_path, flags, message):
 
 def test_cli_plugin_export_passes_parity_through_the_reference_op(tmp_path):
     out = tmp_path / "plugin"
-    result = cli("deit_tiny", "--random-init", "--ratio", "0.9", "--merge-impl", "plugin", "-o", str(out), timeout=900)
+    result = cli("test_vit", "--random-init", "--ratio", "0.9", "--merge-impl", "plugin", "-o", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no latency stage" in result.stdout
     graph = onnx.load(out / "model.onnx")
     merges = json.loads((out / "schedule.json").read_text())["merges"]
-    assert len(plugin_nodes(graph)) == sum(1 for r in merges if r) == 12
+    assert len(plugin_nodes(graph)) == sum(1 for r in merges if r) == 6
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"]
     assert {p.key: p.value for p in graph.metadata_props}["pitome.merge_impl"] == "plugin"
@@ -220,3 +220,18 @@ def test_engine_matches_pytorch_on_cuda(tmp_path, merge_impl):
     assert car["merge_impl"] == ("plugin" if merge_impl == "plugin" else "decomposed")
     assert (tmp_path / "cache.bin").stat().st_size > 0
     assert json.loads((out / "bench.json").read_text())["speedup_tensorrt"] > 1.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"static_batch": True}, "--static-batch does not combine with --target trt"),
+        ({"bench_batch": 128}, "--batch 128 is outside the engine's batch profile 1..64"),
+        ({"trt_batches": (8, 4, 16)}, "min <= opt <= max"),
+    ],
+)
+def test_trt_job_flags_are_checked_before_any_work(changes, message):
+    from pipelines.export_job import ExportJob, check_precision_flags
+
+    with pytest.raises(PitomeError, match=message):
+        check_precision_flags(ExportJob(model="deit_tiny", target="trt", **changes))

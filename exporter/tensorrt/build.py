@@ -179,9 +179,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, spec: EngineSpe
     for name, (low, opt, high) in spec.profile.shapes(graph_inputs(model)).items():
         profile.add(name, min=low, opt=opt, max=high)
     network = NetworkFromOnnxPath(str(onnx_path))
+    pinned: list[int] = []
     if spec.precision != "fp32":
         network = PostprocessNetwork(
-            network, lambda network: _pin_merge_layers(trt, network), name="pin merge layers to FP32"
+            network, lambda network: pinned.append(_pin_merge_layers(trt, network)), name="pin merge layers to FP32"
         )
     config = CreateConfig(
         **spec.builder_flags(),
@@ -190,11 +191,17 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, spec: EngineSpe
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: spec.workspace_mib << 20},
         load_timing_cache=spec.timing_cache if spec.timing_cache and Path(spec.timing_cache).exists() else None,
     )
+    from polygraphy.exception import PolygraphyException
+
     began = time.perf_counter()
-    serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=spec.timing_cache)()
-    if serialized is None:
-        raise PitomeError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
+    try:
+        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=spec.timing_cache)()
+    except PolygraphyException as exc:
+        raise PitomeError(f"TensorRT could not build an engine from {onnx_path}: {exc}") from None
+    if spec.precision != "fp32" and not (pinned and pinned[0]) and not plugin_nodes(model):
+        raise PitomeError("no merge layer was found to keep in FP32: the layer names lost their merge scope")
     sidecar = make_sidecar(model, spec, trt.__version__, torch.cuda.get_device_name(), time.perf_counter() - began)
+    sidecar["merge_layers_pinned_fp32"] = pinned[0] if pinned else 0
     atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     atomic_write_text(sidecar_path(engine_path), json.dumps(sidecar, indent=2))
     return sidecar

@@ -29,6 +29,7 @@ def _out_descs(x: "trtp.TensorDesc", size: "trtp.TensorDesc", r: int):
 
 
 def _run(inputs, valid, kind: str, r: int, margin: float, num_prefix: int, outputs, stream: int) -> None:
+    kind = kind.rstrip("\x00")  # the ONNX parser hands string attributes over with their C terminator
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)), torch.no_grad():
         x, size, metric = (torch.as_tensor(t, device="cuda") for t in inputs)
         valid = None if valid is None else torch.as_tensor(valid, device="cuda")

@@ -16,6 +16,7 @@ from polygraphy.backend.base import BaseRunner
 
 from exporter.tensorrt import require_cuda, require_tensorrt
 from exporter.tensorrt.build import check_sidecar, sidecar_path
+from ops.errors import PitomeError
 
 
 def _torch_dtype(trt, dtype):
@@ -76,7 +77,11 @@ class TensorRTRunner(BaseRunner):
             tensor = torch.as_tensor(feeds[name]).to("cuda", _torch_dtype(self.trt, self.engine.get_tensor_dtype(name)))
             tensor = tensor.contiguous()
             self._inputs.append(tensor)  # keep alive until the run is over
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise PitomeError(
+                    f"input {name} of shape {tuple(tensor.shape)} is outside the engine's optimisation profile "
+                    f"({self.engine_path.name}.json: profile)"
+                )
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = OrderedDict()
         for name in self.output_names:
@@ -84,6 +89,7 @@ class TensorRTRunner(BaseRunner):
             dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
             outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # the copies and casts above ran there
         return outputs
 
     def _execute(self) -> None:
@@ -104,7 +110,7 @@ class TensorRTRunner(BaseRunner):
         """A callable for `exporter.latency.time_interleaved`: one run, returns GPU milliseconds."""
         import torch
 
-        self._bind(feeds)
+        self._outputs = self._bind(feeds)  # bound by address: must outlive every call
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def call() -> float:
@@ -118,4 +124,4 @@ class TensorRTRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         del self.context, self.engine, self.runtime, self.stream
-        self._inputs = []
+        self._inputs, self._outputs = [], {}
