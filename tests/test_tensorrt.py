@@ -235,3 +235,20 @@ def test_trt_job_flags_are_checked_before_any_work(changes, message):
 
     with pytest.raises(PitomeError, match=message):
         check_precision_flags(ExportJob(model="deit_tiny", target="trt", **changes))
+
+
+def test_report_renders_the_engine_section(vision_pair):
+    from pipelines.report import engine_markdown
+
+    car = make_sidecar(onnx.load(vision_pair[2]), EngineSpec("fp16"), "10.9.0", "NVIDIA H100", 3.0)
+    stats = {"median_ms": 1.5, "min_ms": 1.4, "p90_ms": 1.6, "p99_ms": 1.7, "throughput": 5333.3, "cv": 0.01,
+             "noisy": False}  # fmt: skip
+    engine = {
+        "sidecar": car, "parity_line": "PASSED | fp16 tolerances", "passed": True,
+        "bench": {"how": "20 runs", "batch": 8, "latency": {"tensorrt merged": stats, "tensorrt unmerged": stats},
+                  "speedup_tensorrt": 1.0, "speedup_pytorch_eager_cuda": 1.0},
+    }  # fmt: skip
+    text = "\n".join(engine_markdown(engine))
+    assert "## TensorRT engine" in text and "fp16, merge plugin" in text and "NVIDIA H100" in text
+    assert "| tensorrt merged | 1.5 |" in text and "TensorRT 1.00x" in text
+    assert engine_markdown(None) == []
