@@ -135,6 +135,8 @@ def export_onnx(
     `fused` emits each merge step as one `pitome::TokenMerge` node (the TensorRT plugin's op,
     `exporter.merge_node`) instead of decomposed ONNX ops.
     """
+    if fused and decisions:
+        raise ValueError("a decision (debug) export needs the decomposed merge")
     if lowering is not None and getattr(model, "merge_config", {}).get("lowering", lowering) != lowering:
         repatch(model, lowering=lowering)
     sig = signature_of(model, seq_len)
@@ -147,8 +149,6 @@ def export_onnx(
         from exporter.decisions import DecisionWrapper, decision_output_names
 
         wrapper, names = DecisionWrapper(model, sig), names + decision_output_names(model)
-    if fused and decisions:
-        raise ValueError("a decision (debug) export needs the decomposed merge")
     translations, fusing = None, contextlib.nullcontext()
     if fused:
         from exporter.merge_node import fused_merges, translation_table

@@ -135,12 +135,15 @@ def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | 
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
-    model = onnx.load(str(path), load_external_data=False)
-    if plugin_nodes(model):
-        serialized, library = reference_model(onnx.load(str(path)))
-        options.register_custom_ops_library(library)
-        return ort.InferenceSession(serialized, sess_options=options, providers=wanted)
-    return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    except Exception:  # noqa: BLE001 - ORT reports an unknown op in several types; re-raised unless ours
+        model = onnx.load(str(path))
+        if not plugin_nodes(model):
+            raise
+    serialized, library = reference_model(model)
+    options.register_custom_ops_library(library)
+    return ort.InferenceSession(serialized, sess_options=options, providers=wanted)
 
 
 def ort_runner(

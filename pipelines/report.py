@@ -213,11 +213,14 @@ def latency_markdown(latency: dict) -> list[str]:
     ]
     for name, s in latency.items():
         noisy = " (noisy)" if s["noisy"] else ""
-        lines.append(
-            f"| {name} | {s['median_ms']:.3g} | {s['min_ms']:.3g} | {s['p90_ms']:.3g} | {s['p99_ms']:.3g} | "
-            f"{s['throughput']:.1f} | {s['cv']:.1%}{noisy} |"
-        )
+        ms = [_ms(s[key]) for key in ("median_ms", "min_ms", "p90_ms", "p99_ms")]
+        lines.append(f"| {name} | {' | '.join(ms)} | {s['throughput']:.1f} | {s['cv']:.1%}{noisy} |")
     return lines
+
+
+def _ms(value: float) -> str:
+    """Milliseconds to 0.1 ms (CPU runs), or 3 significant digits below 1 ms (GPU runs)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
 
 
 def engine_markdown(engine: dict | None) -> list[str]:

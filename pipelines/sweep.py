@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.atomic import atomic_write_text
+from exporter.atomic import atomic_write, atomic_write_text
 from exporter.errors import ParityError
 from pipelines.export_job import ExportJob, build_output_folder, open_data
 from pipelines.models import resolve
@@ -168,10 +168,8 @@ def draw_tradeoff(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def sweep_markdown(result: dict) -> str:

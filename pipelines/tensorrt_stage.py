@@ -33,9 +33,10 @@ def build_and_check(
     """Build `out/model.engine` (+ sidecar) and its parity report against PyTorch on CUDA."""
     spec = engine_spec(job)
     sidecar = build_engine(onnx_path, out / ENGINE_NAME, spec)
-    tolerance = TOLERANCES["fp32" if job.precision == "fp32" else "fp16"]
     if job.precision == "int8":  # judged like the INT8 graph: top-1 agreement, not elementwise error
         tolerance = Tolerances(atol=float("inf"), rtol=float("inf"), min_top1=job.min_agreement[0])
+    else:
+        tolerance = TOLERANCES["fp32" if job.precision == "fp32" else "fp16"]
     fits = [feed for feed in feeds if spec.profile.min <= len(next(iter(feed.values()))) <= spec.profile.max]
     if not fits:
         raise PitomeError(f"no parity batch fits the engine's batch profile {spec.profile.min}..{spec.profile.max}")
@@ -80,7 +81,8 @@ def benchmark_engines(
     finally:
         for runner in runners.values():
             runner.deactivate()
-        model.cpu(), unmerged.cpu()
+        model.cpu()
+        unmerged.cpu()
     return {
         "how": f"{job.bench_runs} interleaved runs after 10 warm-up rounds, batch {batch}, GPU time by CUDA events, "
         f"{torch.cuda.get_device_name()}",
