@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from exporter.signatures import ExportWrapper, ModelSignature
-from ops.merge import MergeAssign
+from ops.merge import MergeAssign, MergePlan, plan_from_slots, plan_slots
 
 
 @contextlib.contextmanager
@@ -26,12 +26,15 @@ def decision_hooks(model: torch.nn.Module, forced: list[torch.Tensor] | None = N
     """
     captured: list[torch.Tensor] = []
 
-    def hook(module, args, output):
-        slots, n_out = output
+    def hook(module, args, plan: MergePlan) -> MergePlan:
+        slots = plan_slots(plan)
         if forced is not None:
-            slots = forced[len(captured)].to(slots.device)
+            wanted = forced[len(captured)].to(slots.device)
+            # Same decisions keep the layer's own plan, so that the sums run in the same order.
+            if not torch.equal(wanted, slots):
+                plan, slots = plan_from_slots(wanted, plan.n_out), wanted
         captured.append(slots)
-        return slots, n_out
+        return plan
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MergeAssign)]
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from exporter import op_lowering
 from exporter.atomic import atomic_write
 from exporter.signatures import ExportWrapper, ModelSignature, signature_of
 from ops import repatch
@@ -149,11 +150,11 @@ def export_onnx(
         from exporter.decisions import DecisionWrapper, decision_output_names
 
         wrapper, names = DecisionWrapper(model, sig), names + decision_output_names(model)
-    translations, fusing = None, contextlib.nullcontext()
+    translations, fusing = op_lowering.translation_table(), contextlib.nullcontext()
     if fused:
         from exporter.merge_node import fused_merges, translation_table
 
-        translations, fusing = translation_table(), fused_merges(model)
+        translations, fusing = translations | translation_table(), fused_merges(model)
     try:
         with torch.no_grad(), fusing:
             proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch, translations)

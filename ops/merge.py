@@ -1,10 +1,12 @@
 """PiToMe and ToMe token merging: pure functions on tensors, shared by eager, export and tests.
 
-Every algorithm here answers one question, "which output slot does each token go to?", as an
-assignment `dst [B, T]` of int64 slot indices. One size-weighted merge then applies any
-assignment, lowered either as scatter-add or as a one-hot matrix and a MatMul. All index
-values are data-dependent, all shapes are fixed by the (frozen) merge count `r`, and every
-ranking breaks ties towards the lower index, in eager PyTorch and in ONNX alike.
+Every algorithm here answers one question, "which output slot does each token go to?", as a
+`MergePlan`: the token each output slot keeps, the r tokens merged away and the slot each joins.
+One size-weighted merge applies any plan: copy the kept tokens, add the few merged ones (a
+small one-hot MatMul or scatter-add). All index values are data-dependent, all shapes are fixed
+by the (frozen) merge count `r`, and every ranking breaks ties towards the lower index, in eager
+PyTorch and in ONNX alike. `plan_slots` / `plan_from_slots` convert to and from the plain
+assignment `dst [B, N]` of slot indices, the form decisions are compared and forced in.
 
 Shapes: `x [B, N, C]`, `size [B, N, 1]`; `metric [B, T, d]` covers the T non-prefix tokens.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,86 +45,130 @@ class MergeStep:
             raise ValueError(f"unknown lowering {self.lowering!r}; choose one of {', '.join(LOWERINGS)}")
 
 
-def descending_rank(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order of `scores [B, T]` from highest to lowest, ties to the lower index.
+class MergePlan(NamedTuple):
+    """One layer's merge decisions in the form the merge applies them.
 
-    Returns `(order, rank)`: `order[b, k]` is the token at rank k and `rank[b, i]` the rank of
-    token i. Ranks come from pairwise comparisons, so no sort stability is needed and the
-    exported graph (Less/Equal, ReduceSum, TopK over distinct ranks) gives the same order.
+    Output slot s starts from token `kept[b, s]` (`[B, n_out]`); token `merged[b, k]` (`[B, r]`)
+    is added into slot `into[b, k]`. Every token is kept or merged, once. Slots before
+    `first_receiver` (a layout fact, the same for every input) never receive a merged token.
+    Shapes are fixed by r, so the graph is static; the values are data.
     """
-    t = scores.shape[-1]
-    ahead = scores[..., None, :] > scores[..., :, None]  # [B, i, j]: token j ranks before i
-    tied = scores[..., None, :] == scores[..., :, None]
-    lower = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril(-1)  # j < i
-    rank = (ahead | (tied & lower)).to(torch.float32).sum(-1)
-    order = torch.topk(rank, t, dim=-1, largest=False, sorted=True).indices
-    return order, rank.to(torch.int64)
+
+    kept: torch.Tensor
+    merged: torch.Tensor
+    into: torch.Tensor
+    first_receiver: int = 0
+
+    @property
+    def n_out(self) -> int:
+        return self.kept.shape[1]
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`x [B, T, C]` rows picked by `index [B, K]` -> `[B, K, C]`."""
+def plan_slots(plan: MergePlan) -> torch.Tensor:
+    """The plan as an assignment `dst [B, N]`: the output slot of every token."""
+    batch, n_out = plan.kept.shape
+    slots = torch.arange(n_out, device=plan.kept.device).expand(batch, -1)
+    dst = torch.zeros(batch, n_out + plan.merged.shape[1], dtype=torch.int64, device=plan.kept.device)
+    return dst.scatter(1, plan.kept, slots).scatter(1, plan.merged, plan.into)
+
+
+def plan_from_slots(dst: torch.Tensor, n_out: int) -> MergePlan:
+    """The plan of an assignment `dst [B, N]` whose slots `0..n_out-1` are all used.
+
+    Each slot keeps its lowest-index token; the others are merged, in slot order. Sort keys are
+    distinct, so any sort gives this order. Used to force decisions taken elsewhere.
+    """
+    tokens = dst.shape[1]
+    positions = torch.arange(tokens, device=dst.device)
+    by_slot = torch.sort(dst * tokens + positions, dim=-1, stable=True).indices
+    slot_sorted = dst.gather(1, by_slot)
+    starts = torch.cat(
+        [torch.ones_like(slot_sorted[:, :1], dtype=torch.bool), slot_sorted[:, 1:] != slot_sorted[:, :-1]], 1
+    )
+    # Group starts first (by slot), then the other tokens (by position): again distinct keys.
+    members = by_slot.gather(1, torch.sort(torch.where(starts, slot_sorted, n_out + positions), dim=-1).indices)
+    kept, merged = members[:, :n_out], members[:, n_out:]
+    return MergePlan(kept, merged, dst.gather(1, merged))
+
+
+def _unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, as `F.normalize` computes them, minus its explicit
+    broadcast (which exports as an Expand that materialises `[B, T, d]`)."""
+    return metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Tokens of `scores [B, T]` from highest to lowest score, ties to the lower index.
+
+    A stable sort, which export lowers to one ONNX TopK: the ONNX spec breaks TopK's ties by
+    the lower index, the same order (`exporter.op_lowering`).
+    """
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+@torch.library.custom_op("pitome::gather_rows", mutates_args=())
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of `x [B, T, C]` picked per batch by `index [B, K]` -> `[B, K, C]`.
+
+    An operator of its own so that export emits one ONNX GatherND (batch_dims 1) for it; the
+    equivalent `gather` exports as GatherElements on an index expanded to `[B, K, C]`, a
+    materialised int64 tensor, several times slower on ONNX Runtime.
+    """
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
-    """`[e0, o0, e1, o1, ...]` from `[B, ceil(n/2)]` and `[B, floor(n/2)]`."""
-    n = even.shape[1] + odd.shape[1]
-    if odd.shape[1] < even.shape[1]:
-        odd = torch.cat([odd, odd[:, :1]], dim=1)
-    return torch.stack([even, odd], dim=-1).reshape(even.shape[0], -1)[:, :n]
+@gather_rows.register_fake
+def _gather_rows_shape(x, index):
+    return x.new_empty(x.shape[0], index.shape[1], x.shape[2])
 
 
-def _bipartite_slots(scores: torch.Tensor, r: int, first_slot: int) -> tuple[torch.Tensor, int]:
-    """Slots of the A tokens given A->B similarity `scores [B, nA, nB]`.
+def _gather_rows(x: torch.Tensor, *indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`gather_rows` for each index."""
+    return tuple(gather_rows(x, index) for index in indices)
 
-    The r A tokens with the best match merge into it; the others stay, in A order. Output
-    layout from `first_slot`: unmerged A, then B. Returns (slots of A `[B, nA]`, n unmerged).
+
+def _bipartite_plan(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, r: int) -> MergePlan:
+    """Bipartite soft matching: the r A tokens with the best B match merge into it.
+
+    `a [B, nA]` and `b [B, nB]` are token indices, `scores [B, nA, nB]` their similarity.
+    Output `[unmerged A (in A order), B]`; only B slots receive.
     """
-    n_a = scores.shape[1]
     best_score, best_b = scores.max(dim=-1)
-    n_unmerged = n_a - r
-    b_start = first_slot + n_unmerged
-    if n_unmerged == 0:
-        return b_start + best_b, 0
-    _, a_rank = descending_rank(best_score)
-    merged = a_rank < r
-    stay_slot = first_slot + torch.cumsum((~merged).to(torch.int64), dim=1) - 1
-    return torch.where(merged, b_start + best_b, stay_slot), n_unmerged
+    a_order = descending_order(best_score)
+    merged_a = a_order[:, :r]
+    n_stay = a.shape[1] - r
+    kept = b
+    if n_stay > 0:  # the unmerged A tokens, back in A order (distinct values: any sort will do)
+        kept = torch.cat([a.gather(1, torch.sort(a_order[:, r:], dim=-1, stable=True).values), b], dim=1)
+    return MergePlan(kept, a.gather(1, merged_a), n_stay + best_b.gather(1, merged_a), n_stay)
 
 
-def _alternating_assignment(
+def _alternating_plan(
     metric: torch.Tensor, r: int, b_first: bool = False, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Bipartite soft matching with A/B alternating along the token axis of `metric`.
+) -> MergePlan:
+    """Bipartite soft matching with A/B alternating along the token axis of `metric [B, T, d]`.
 
     A = tokens 0,2,4,.. and B = 1,3,5,.. (swapped when `b_first`). With `valid [B, T]`, pairs
-    involving padding are made padding-safe. Returns slots `[B, T]` for `[unmerged A, B]`.
+    involving padding are made padding-safe.
     """
-    first, second = metric[:, 0::2], metric[:, 1::2]
-    a, b = (second, first) if b_first else (first, second)
-    scores = a @ b.transpose(1, 2)
+    a_par = int(b_first)
+    b_par = 1 - a_par
+    scores = metric[:, a_par::2] @ metric[:, b_par::2].transpose(1, 2)
     if valid is not None:
-        valid_first, valid_second = valid[:, 0::2], valid[:, 1::2]
-        valid_a, valid_b = (valid_second, valid_first) if b_first else (valid_first, valid_second)
-        scores = padding_safe_similarity(scores, valid_a, valid_b)
-    a_slots, n_unmerged = _bipartite_slots(scores, r, 0)
-    b_slots = n_unmerged + torch.arange(b.shape[1], device=metric.device).expand(metric.shape[0], -1)
-    return _interleave(b_slots, a_slots) if b_first else _interleave(a_slots, b_slots)
+        scores = padding_safe_similarity(scores, valid[:, a_par::2], valid[:, b_par::2])
+    batch, n_a, n_b = scores.shape
+    tokens = torch.arange(metric.shape[1], device=metric.device).expand(batch, -1)
+    return _bipartite_plan(tokens[:, a_par::2], tokens[:, b_par::2], scores, r)
 
 
-def _protected_assignment(
-    sim_ab: torch.Tensor, n_protected: int, r: int, batch: int, device: torch.device, pair: str
-) -> torch.Tensor:
-    """Slots in rank order for `[A, B, protected]`-shaped splits: every A merges into its best B.
+def _protected_plan(order: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best_b: torch.Tensor) -> MergePlan:
+    """`[protected, B]` layout: every A token (`a [B, r]`) merges into B token `b[best_b]`.
 
-    Output layout: `[protected, B]`. `pair` says how A and B sit in rank order: "alternate"
-    (A = 0,2,..; B = 1,3,.. within the top 2r) or "blocks" (A = top r, B = the next r).
+    `order` ranks all T tokens; those past the first 2r are protected and keep their slot.
     """
-    a_slots, _ = _bipartite_slots(sim_ab, r, n_protected)
-    b_slots = n_protected + torch.arange(r, device=device).expand(batch, -1)
-    protected_slots = torch.arange(n_protected, device=device).expand(batch, -1)
-    head = _interleave(a_slots, b_slots) if pair == "alternate" else torch.cat([a_slots, b_slots], dim=1)
-    return torch.cat([head, protected_slots], dim=1)
+    r = a.shape[1]
+    n_protected = order.shape[1] - 2 * r
+    return MergePlan(torch.cat([order[:, 2 * r :], b], dim=1), a, n_protected + best_b, n_protected)
 
 
 def padding_safe_similarity(sim: torch.Tensor, valid_rows: torch.Tensor, valid_cols: torch.Tensor) -> torch.Tensor:
@@ -146,89 +193,94 @@ def gaussian_energy(sim: torch.Tensor, margin: float, valid: torch.Tensor) -> to
     return (kernel * valid[:, None, :]).sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def pitome_assignment(metric: torch.Tensor, r: int, margin: float, bsm: bool) -> tuple[torch.Tensor, int]:
-    """PiToMe (vision) assignment `[B, T]` and the number of output tokens.
+def pitome_assignment(metric: torch.Tensor, r: int, margin: float, bsm: bool) -> MergePlan:
+    """PiToMe (vision) plan: tokens ranked by energy (high = redundant).
 
-    `bsm=False`: the top 2r energies are mergeable (A/B alternate by rank, every A merges),
-    the rest are protected; output `[protected, B]`. `bsm=True`: A/B alternate over all T
-    by energy rank and the r best-matched A tokens merge; output `[unmerged A, B]`.
+    `bsm=False`: the top 2r energies are mergeable (A/B alternate by rank, every A merges into
+    its best B), the rest are protected; output `[protected, B]`. `bsm=True`: A/B alternate
+    over all T by energy rank and the r best-matched A tokens merge; output `[unmerged A, B]`.
     """
-    metric = F.normalize(metric, dim=-1)
-    sim = metric @ metric.transpose(1, 2)
-    order, rank = descending_rank(pitome_energy(sim, margin))
-    t = metric.shape[1]
+    metric = _unit_rows(metric)
+    order = descending_order(pitome_energy(metric @ metric.transpose(1, 2), margin))
     if bsm:
-        dst_in_order = _alternating_assignment(_gather_tokens(metric, order), r)
-    else:
-        ranked = _gather_tokens(metric, order[:, : 2 * r])
-        a, b = ranked[:, 0::2], ranked[:, 1::2]
-        sim_ab = a @ b.transpose(1, 2)
-        dst_in_order = _protected_assignment(sim_ab, t - 2 * r, r, metric.shape[0], metric.device, "alternate")
-    return dst_in_order.gather(1, rank), t - r
+        a, b = order[:, 0::2], order[:, 1::2]
+        metric_a, metric_b = _gather_rows(metric, a, b)
+        return _bipartite_plan(a, b, metric_a @ metric_b.transpose(1, 2), r)
+    a, b = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
+    metric_a, metric_b = _gather_rows(metric, a, b)
+    best_b = (metric_a @ metric_b.transpose(1, 2)).max(dim=-1).indices
+    return _protected_plan(order, a, b, best_b)
 
 
-def pitome_text_assignment(
-    metric: torch.Tensor, r: int, margin: float, valid: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """PiToMe (text) assignment: A = top r energies, B = next r, the rest protected.
+def pitome_text_assignment(metric: torch.Tensor, r: int, margin: float, valid: torch.Tensor) -> MergePlan:
+    """PiToMe (text) plan: A = top r energies, B = next r, the rest protected.
 
     `valid [B, T]` (1 real, 0 padding): padding ranks first, matches only padding, and takes no
     part in real tokens' energies, so padding content cannot change a real token's slot.
     """
-    metric = F.normalize(metric, dim=-1)
-    sim = metric @ metric.transpose(1, 2)
-    sim = padding_safe_similarity(sim, valid, valid)
-    energy = torch.where(valid > 0, gaussian_energy(sim, margin, valid), _PAD_ENERGY)
-    order, rank = descending_rank(energy)
-    ranked = _gather_tokens(sim, order[:, : 2 * r])  # rows: A then B, in rank order
-    sim_ab = ranked[:, :r].gather(2, order[:, None, r : 2 * r].expand(-1, r, -1))
-    t = metric.shape[1]
-    dst_in_order = _protected_assignment(sim_ab, t - 2 * r, r, metric.shape[0], metric.device, "blocks")
-    return dst_in_order.gather(1, rank), t - r
+    metric = _unit_rows(metric)
+    sim = padding_safe_similarity(metric @ metric.transpose(1, 2), valid, valid)
+    order = descending_order(torch.where(valid > 0, gaussian_energy(sim, margin, valid), _PAD_ENERGY))
+    a, b = order[:, :r], order[:, r : 2 * r]
+    (sim_a,) = _gather_rows(sim, a)
+    best_b = sim_a.gather(2, b[:, None, :].expand(-1, r, -1)).max(dim=-1).indices
+    return _protected_plan(order, a, b, best_b)
 
 
 def tome_assignment(
     metric: torch.Tensor, r: int, position_offset: int = 1, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
+) -> MergePlan:
     """ToMe bipartite soft matching by position: A/B alternate over the full sequence.
 
     `position_offset` is the number of prefix tokens before `metric`'s tokens, so A and B keep
     ToMe's parity of positions in the full sequence (prefix tokens sit in A, never merged).
     Output layout `[unmerged A (in position order), B]`. `valid [B, T]` makes it padding-safe.
     """
-    dst = _alternating_assignment(F.normalize(metric, dim=-1), r, position_offset % 2 == 1, valid)
-    return dst, metric.shape[1] - r
+    return _alternating_plan(_unit_rows(metric), r, position_offset % 2 == 1, valid)
 
 
 def size_weighted_merge(
-    x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, n_out: int, lowering: str = "matmul"
+    x: torch.Tensor, size: torch.Tensor, plan: MergePlan, lowering: str = "matmul"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge `x [B, N, C]` into `n_out` slots by the size-weighted mean of each slot's group.
+    """Merge `x [B, N, C]` by `plan` into the size-weighted mean of each slot's tokens.
 
     Returns `(x_out [B, n_out, C], size_out [B, n_out, 1])`. Each token is weighted by
     `size / group_size` before summing, so a token alone in its slot is copied bit-exactly.
-    A group whose sizes are all 0 (padding) gives 0. `lowering` picks scatter-add or a one-hot
-    matrix + MatMul (deterministic and plugin-free on TensorRT); both give the same numbers.
+    A receiving slot whose sizes are all 0 (padding) gives 0. Slots that cannot receive are
+    plain copies; each receiving slot starts from its kept token and adds the merged ones,
+    which `lowering` does as a `[receivers, r]` one-hot MatMul (deterministic and plugin-free on
+    TensorRT) or as scatter-add; both give the same numbers. The work beside the copy is
+    O(receivers r C), not the O(n_out N C) of a dense one-hot product.
     """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    kept, merged, into, first = plan
+    x_tail, x_merged = _gather_rows(x, kept[:, first:], merged)
+    size_tail, size_merged = _gather_rows(size, kept[:, first:], merged)
+    into = into - first
     if lowering == "matmul":
-        slots = torch.arange(n_out, device=x.device)
-        assign_t = (slots[None, :, None] == dst[:, None, :]).to(x.dtype)  # [B, n_out, N]
-        size_out = assign_t @ size
-        weights = size / size_out.gather(1, dst[..., None]).clamp_min(1e-12)
-        return assign_t @ (x * weights), size_out
-    if lowering == "scatter":
-        index = dst[..., None]
-        size_out = size.new_zeros(size.shape[0], n_out, 1).scatter_add(1, index, size)
-        weights = size / size_out.gather(1, index).clamp_min(1e-12)
-        merged = x.new_zeros(x.shape[0], n_out, x.shape[2])
-        return merged.scatter_add(1, index.expand(-1, -1, x.shape[2]), x * weights), size_out
-    raise ValueError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+        slots = torch.arange(kept.shape[1] - first, device=x.device)
+        joins = (slots[None, :, None] == into[:, None, :]).to(x.dtype)  # [B, receivers, r]
+        size_out = size_tail + joins @ size_merged
+    else:
+        size_out = size_tail.scatter_add(1, into[..., None], size_merged)
+    weight_merged = size_merged / size_out.gather(1, into[..., None]).clamp_min(1e-12)
+    x_out = x_tail * (size_tail / size_out.clamp_min(1e-12))
+    if lowering == "matmul":  # each merged token's weight sits in its column of `joins`
+        x_out = x_out + (joins * weight_merged.transpose(1, 2)) @ x_merged
+    else:
+        x_out = x_out.scatter_add(1, into[..., None].expand_as(x_merged), x_merged * weight_merged)
+    if first == 0:
+        return x_out, size_out
+    (x_head,) = _gather_rows(x, kept[:, :first])
+    (size_head,) = _gather_rows(size, kept[:, :first])
+    return torch.cat([x_head, x_out], dim=1), torch.cat([size_head, size_out], dim=1)
 
 
 def merge_assignment(
     metric: torch.Tensor, step: MergeStep, num_prefix: int, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """Slots `[B, N]` for all N tokens (prefix tokens keep theirs, first) and the output count.
+) -> MergePlan:
+    """The plan for all N tokens: prefix tokens keep the first slots, untouched.
 
     `metric [B, N, d]` covers all N tokens; `valid [B, N]` (text: 1 real, 0 padding) is required
     by `pitome_text` and makes `tome` padding-safe.
@@ -236,23 +288,26 @@ def merge_assignment(
     patch_metric = metric[:, num_prefix:]
     patch_valid = None if valid is None else valid[:, num_prefix:]
     if step.kind == "tome":
-        dst, n_out = tome_assignment(patch_metric, step.r, num_prefix, patch_valid)
+        plan = tome_assignment(patch_metric, step.r, num_prefix, patch_valid)
     elif step.kind == "pitome_text":
-        dst, n_out = pitome_text_assignment(patch_metric, step.r, step.margin, patch_valid)
+        plan = pitome_text_assignment(patch_metric, step.r, step.margin, patch_valid)
     else:
-        dst, n_out = pitome_assignment(patch_metric, step.r, step.margin, bsm=step.kind == "pitome_bsm")
+        plan = pitome_assignment(patch_metric, step.r, step.margin, bsm=step.kind == "pitome_bsm")
+    if num_prefix == 0:
+        return plan
     prefix = torch.arange(num_prefix, device=metric.device).expand(metric.shape[0], -1)
-    return torch.cat([prefix, dst + num_prefix], dim=1), n_out + num_prefix
+    kept = torch.cat([prefix, plan.kept + num_prefix], 1)
+    return MergePlan(kept, plan.merged + num_prefix, plan.into + num_prefix, plan.first_receiver + num_prefix)
 
 
 class MergeAssign(torch.nn.Module):
-    """The decision half of a merge: similarity, energy, ranking and matching -> slots."""
+    """The decision half of a merge: similarity, energy, ranking and matching -> a `MergePlan`."""
 
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
         super().__init__()
         self.step, self.num_prefix = step, num_prefix
 
-    def forward(self, metric: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def forward(self, metric: torch.Tensor, valid: torch.Tensor | None) -> MergePlan:
         return merge_assignment(metric, self.step, self.num_prefix, valid)
 
 
@@ -263,8 +318,8 @@ class MergeCombine(torch.nn.Module):
         super().__init__()
         self.lowering = lowering
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor, dst: torch.Tensor, n_out: int):
-        return size_weighted_merge(x, size, dst, n_out, self.lowering)
+    def forward(self, x: torch.Tensor, size: torch.Tensor, plan: MergePlan):
+        return size_weighted_merge(x, size, plan, self.lowering)
 
 
 @torch.library.custom_op("pitome::token_merge", mutates_args=())
@@ -283,8 +338,7 @@ def token_merge_op(
     Export maps it to a single `pitome::TokenMerge` node that a TensorRT plugin implements;
     in PyTorch it runs the same `merge_assignment` and `size_weighted_merge` as `TokenMerge`.
     """
-    dst, n_out = merge_assignment(metric, MergeStep(kind, r, margin), num_prefix, valid)
-    return size_weighted_merge(x, size, dst, n_out)
+    return size_weighted_merge(x, size, merge_assignment(metric, MergeStep(kind, r, margin), num_prefix, valid))
 
 
 @token_merge_op.register_fake
@@ -319,5 +373,4 @@ class TokenMerge(torch.nn.Module):
         if self.fused:
             step = self.step
             return token_merge_op(x, size, metric, valid, step.kind, step.r, step.margin, self.assign.num_prefix)
-        dst, n_out = self.assign(metric, valid)
-        return self.combine(x, size, dst, n_out)
+        return self.combine(x, size, self.assign(metric, valid))

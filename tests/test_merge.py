@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 from ops.merge import (
     MergeStep,
     TokenMerge,
-    descending_rank,
+    descending_order,
     pitome_assignment,
     pitome_energy,
+    plan_from_slots,
+    plan_slots,
     size_weighted_merge,
     tome_assignment,
 )
@@ -25,15 +27,36 @@ def _inputs(b, n, c, d, seed, sizes=False):
     return x, size, metric
 
 
-def test_descending_rank_ties_go_to_lower_index():
-    order, rank = descending_rank(torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]]))
+def test_descending_order_ties_go_to_lower_index():
+    order = descending_order(torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]]))
     assert order.tolist() == [[1, 2, 4, 0, 3]]
-    assert rank.tolist() == [[3, 0, 1, 4, 2]]
 
 
-def test_descending_rank_all_equal_is_identity():
-    order, _ = descending_rank(torch.zeros(2, 7))
-    assert order.tolist() == [list(range(7))] * 2
+def test_descending_order_all_equal_is_identity():
+    assert descending_order(torch.zeros(2, 300)).tolist() == [list(range(300))] * 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(["pitome", "pitome_bsm", "tome"]),
+    tokens=st.integers(4, 40),
+    prefix=st.integers(0, 2),
+    frac=st.floats(0.05, 0.5),
+    seed=st.integers(0, 10_000),
+)
+def test_plan_is_a_partition_and_round_trips_through_slots(kind, tokens, prefix, frac, seed):
+    """Every token is kept or merged exactly once, and `plan_from_slots` recovers the plan's slots."""
+    r = max(1, int(tokens * frac))
+    x, size, metric = _inputs(2, tokens + prefix, 8, 6, seed, sizes=True)
+    plan = TokenMerge(MergeStep(kind, r, 0.5), prefix).assign(metric, None)
+    members = torch.cat([plan.kept, plan.merged], dim=1).sort(dim=1).values
+    assert torch.equal(members, torch.arange(tokens + prefix).expand(2, -1))
+    dst = plan_slots(plan)
+    assert torch.equal(plan_slots(plan_from_slots(dst, plan.n_out)), dst)
+    out, out_size = size_weighted_merge(x, size, plan)
+    forced, forced_size = size_weighted_merge(x, size, plan_from_slots(dst, plan.n_out))
+    torch.testing.assert_close(forced, out, atol=1e-6, rtol=1e-6)
+    assert torch.equal(forced_size, out_size)
 
 
 @settings(max_examples=40, deadline=None)
@@ -62,8 +85,9 @@ def test_lowerings_agree_and_size_is_conserved(kind, batch, tokens, prefix, frac
 @pytest.mark.parametrize("lowering", ["matmul", "scatter"])
 def test_merged_token_is_size_weighted_mean_of_its_group(lowering):
     x, size, metric = _inputs(2, 30, 5, 4, seed=3, sizes=True)
-    dst, n_out = pitome_assignment(metric, 7, 0.5, bsm=False)
-    out, out_size = size_weighted_merge(x, size, dst, n_out, lowering)
+    plan = pitome_assignment(metric, 7, 0.5, bsm=False)
+    out, out_size = size_weighted_merge(x, size, plan, lowering)
+    dst, n_out = plan_slots(plan), plan.n_out
     for b in range(2):
         for slot in range(n_out):
             members = (dst[b] == slot).nonzero().flatten()
@@ -78,8 +102,9 @@ def test_protected_tokens_unchanged(lowering):
     """Energy-protected PiToMe: the T - 2r lowest-energy tokens are copied bit-exactly."""
     x, size, metric = _inputs(2, 40, 16, 8, seed=1, sizes=True)
     r = 9
-    dst, n_out = pitome_assignment(metric, r, 0.6, bsm=False)
-    out, out_size = size_weighted_merge(x, size, dst, n_out, lowering)
+    plan = pitome_assignment(metric, r, 0.6, bsm=False)
+    out, out_size = size_weighted_merge(x, size, plan, lowering)
+    dst, n_out = plan_slots(plan), plan.n_out
     normed = F.normalize(metric, dim=-1)
     energy = pitome_energy(normed @ normed.transpose(1, 2), 0.6)
     for b in range(2):
@@ -98,7 +123,8 @@ def test_pitome_merges_most_redundant_tokens():
     distinct = torch.randn(1, 10, 8, generator=gen)
     dup = torch.randn(1, 1, 8, generator=gen).expand(1, 6, 8)
     metric = torch.cat([distinct, dup], dim=1)
-    dst, n_out = pitome_assignment(metric, 3, 0.5, bsm=False)
+    plan = pitome_assignment(metric, 3, 0.5, bsm=False)
+    dst, n_out = plan_slots(plan), plan.n_out
     counts = torch.bincount(dst[0], minlength=n_out)
     merged_slots = (counts > 1).nonzero().flatten()
     members = torch.cat([(dst[0] == s).nonzero().flatten() for s in merged_slots])
@@ -108,17 +134,17 @@ def test_pitome_merges_most_redundant_tokens():
 def test_tome_parity_of_positions():
     """ToMe: with one prefix token, metric token 0 sits at position 1 (B); A = odd metric indices."""
     metric = torch.randn(1, 9, 4)
-    dst, n_out = tome_assignment(metric, 0, position_offset=1)
+    plan = tome_assignment(metric, 0, position_offset=1)
     # no merge: [A (positions 2,4,6,8 -> metric 1,3,5,7), B (metric 0,2,4,6,8)]
-    assert dst[0].tolist() == [4, 0, 5, 1, 6, 2, 7, 3, 8]
-    assert n_out == 9
+    assert plan_slots(plan)[0].tolist() == [4, 0, 5, 1, 6, 2, 7, 3, 8]
+    assert plan.n_out == 9
 
 
 def test_tome_merges_best_matches():
     base = torch.randn(1, 4, 6)
     # metric tokens 1 and 0 identical (A=1 -> B=0 is the best edge)
     metric = torch.stack([base[0, 0], base[0, 0], base[0, 1], base[0, 2], base[0, 3]])[None]
-    dst, _ = tome_assignment(metric, 1, position_offset=1)
+    dst = plan_slots(tome_assignment(metric, 1, position_offset=1))
     assert dst[0, 1] == dst[0, 0]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from exporter.onnx_export import export_onnx
 from exporter.parity import TOLERANCES, parity_feeds, verify_export
+from exporter.runners import ort_session
 from exporter.signatures import signature_of
 from ops import patch_model
 from tests.models import small_text, small_vit
@@ -101,6 +102,33 @@ def test_wrong_export_fails_even_with_forced_decisions(tmp_path):
     assert set(report.decisions["layer_agreement"]) == {"slots_0", "slots_1", "slots_2", "slots_3"}
     assert all(v == 1.0 for v in report.decisions["layer_agreement"].values())  # same decisions, wrong numbers
     assert "FAILED" in report.verdict() and "OUTSIDE tolerance" in report.verdict()
+
+
+@pytest.mark.parametrize("kind", ["pitome", "pitome_bsm", "tome"])
+def test_exact_ties_rank_alike_in_onnx_and_eager(tmp_path, kind):
+    """Duplicated tokens tie exactly in energy and in match score. Keys of four ones (norm 2) keep
+    every cosine exact, so the ties are exact on both sides, and ONNX TopK must break them as the
+    stable sort does (lower index first). Real images only come near this: there, kernels'
+    rounding makes near-ties, which parity re-judges with forced decisions."""
+    from exporter.op_lowering import translation_table
+    from ops.merge import MergeAssign, MergeStep, plan_slots
+
+    class Decide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.assign = MergeAssign(MergeStep(kind, 7, 0.5), 1)
+
+        def forward(self, metric):
+            return plan_slots(self.assign(metric, None))
+
+    palette = torch.zeros(3, 8)
+    palette[0, :4] = palette[1, 2:6] = palette[2, 4:] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    metric = palette[torch.randint(0, 3, (2, 25), generator=gen)]
+    path = tmp_path / "decide.onnx"
+    torch.onnx.export(Decide(), (metric,), path, dynamo=True, custom_translation_table=translation_table())
+    (graph,) = ort_session(path).run(None, {"metric": metric.numpy()})
+    np.testing.assert_array_equal(graph, Decide()(metric).numpy())
 
 
 def test_debug_export_decisions_match_eager(tmp_path):
