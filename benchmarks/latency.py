@@ -187,16 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="deit_small b8 r0.9 and bert_base seq128 b8 r0.7")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
     parser.add_argument("--out", type=Path, default=None, help="folder for latency.md/.json (default results/)")
     args = parser.parse_args(argv)
     from rich.console import Console
 
-    from exporter.atomic import atomic_write_text
-
     console = Console()
     torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else FULL
+    unknown = sorted(set(args.models or ()) - {case.model for case in cases})
+    if unknown:
+        parser.error(f"not in the grid: {', '.join(unknown)}")
+    cases = tuple(case for case in cases if args.models is None or case.model in args.models)
     out = args.out or (RESULTS / ("quick" if args.quick else "full"))
+    env = environment(args.threads)
+    command = shlex.join(["python", "-m", "benchmarks.latency", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
     rows: list[dict] = []
     breakdowns: list[dict] = []
@@ -204,17 +209,35 @@ def main(argv: list[str] | None = None) -> int:
         for i, case in enumerate(cases):
             folder = Path(scratch) / str(i)
             folder.mkdir()
-            rows += run_case(case, args.runs, args.threads, folder, console.print, breakdowns)
-    env = environment(args.threads)
-    command = shlex.join(["python", "-m", "benchmarks.latency", *(argv if argv is not None else sys.argv[1:])])
+            case_start, case_breakdowns = time.perf_counter(), []
+            case_rows = run_case(case, args.runs, args.threads, folder, console.print, case_breakdowns)
+            rows, breakdowns = rows + case_rows, breakdowns + case_breakdowns
+            if len(cases) > 1:  # each case's table as soon as it is measured: a long run keeps its parts
+                stem = case.model + (f"_seq{case.seq_len}" if case.seq_len else "")
+                elapsed = time.perf_counter() - case_start
+                _write(
+                    out,
+                    stem,
+                    markdown(case_rows, env, command, elapsed, case_breakdowns),
+                    command,
+                    env,
+                    case_rows,
+                    case_breakdowns,
+                )
     text = markdown(rows, env, command, time.perf_counter() - start, breakdowns)
-    atomic_write_text(out / "latency.md", text)
-    atomic_write_text(
-        out / "latency.json",
-        json.dumps({"command": command, "environment": env, "rows": rows, "merge_breakdown": breakdowns}, indent=2),
-    )
+    if args.models is None:
+        _write(out, "latency", text, command, env, rows, breakdowns)
     console.print(text)
     return 0
+
+
+def _write(out: Path, stem: str, text: str, command: str, env: dict, rows: list[dict], breakdowns: list[dict]) -> None:
+    """`<stem>.md` and `<stem>.json` in `out`, each written whole or not at all."""
+    from exporter.atomic import atomic_write_text
+
+    record = {"command": command, "environment": env, "rows": rows, "merge_breakdown": breakdowns}
+    atomic_write_text(out / f"{stem}.md", text)
+    atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,12 @@ def test_cpu_name_carries_the_simd_features_that_decide_int8_speed():
     name = cpu_name()
     for feature in SIMD_FEATURES:
         assert (feature in name) == (feature in flags), (feature, name)
+
+
+def test_latency_harness_rejects_models_outside_its_grid(capsys):
+    from benchmarks.latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--models", "deit_small", "resnet50"])
+    assert exit_info.value.code == 2
+    assert "not in the grid: resnet50" in capsys.readouterr().err
