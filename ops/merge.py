@@ -80,7 +80,7 @@ def plan_from_slots(dst: torch.Tensor, n_out: int) -> MergePlan:
     """
     tokens = dst.shape[1]
     positions = torch.arange(tokens, device=dst.device)
-    by_slot = torch.sort(dst * tokens + positions, dim=-1, stable=True).indices
+    by_slot = torch.sort(dst * tokens + positions, dim=-1).indices
     slot_sorted = dst.gather(1, by_slot)
     starts = torch.cat(
         [torch.ones_like(slot_sorted[:, :1], dtype=torch.bool), slot_sorted[:, 1:] != slot_sorted[:, :-1]], 1
@@ -139,7 +139,9 @@ def _bipartite_plan(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, r: i
     n_stay = a.shape[1] - r
     kept = b
     if n_stay > 0:  # the unmerged A tokens, back in A order (distinct values: any sort will do)
-        kept = torch.cat([a.gather(1, torch.sort(a_order[:, r:], dim=-1, stable=True).values), b], dim=1)
+        # Sorted as float32 (exact below 2**24): TensorRT's TopK takes floating-point input only.
+        stay_a = torch.sort(a_order[:, r:].to(torch.float32), dim=-1, stable=True).values.to(torch.int64)
+        kept = torch.cat([a.gather(1, stay_a), b], dim=1)
     return MergePlan(kept, a.gather(1, merged_a), n_stay + best_b.gather(1, merged_a), n_stay)
 
 
@@ -156,8 +158,7 @@ def _alternating_plan(
     scores = metric[:, a_par::2] @ metric[:, b_par::2].transpose(1, 2)
     if valid is not None:
         scores = padding_safe_similarity(scores, valid[:, a_par::2], valid[:, b_par::2])
-    batch, n_a, n_b = scores.shape
-    tokens = torch.arange(metric.shape[1], device=metric.device).expand(batch, -1)
+    tokens = torch.arange(metric.shape[1], device=metric.device).expand(scores.shape[0], -1)
     return _bipartite_plan(tokens[:, a_par::2], tokens[:, b_par::2], scores, r)
 
 

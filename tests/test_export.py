@@ -197,6 +197,15 @@ def test_merge_is_a_few_row_gathers_not_dense_products(vision_export):
     assert merging <= 64, merging
 
 
+def test_every_topk_sorts_floats(vision_export):
+    """TensorRT's TopK takes floating-point input only: integer sorts must go through float."""
+    _, path = vision_export
+    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    topk_inputs = [n.input[0] for n in graph.node if n.op_type == "TopK"]
+    assert topk_inputs and all(types[name] == TensorProto.FLOAT for name in topk_inputs)
+
+
 def test_missing_ort_provider_is_a_backend_error(vision_export):
     import onnxruntime as ort
 
