@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.atomic import atomic_write, atomic_write_text
+from pipelines.cli import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
 
@@ -152,8 +153,8 @@ def draw(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(EXPERIMENTS), help="comma-separated: " + ", ".join(EXPERIMENTS))
-    parser.add_argument("--limit", type=int, default=None, help="first N test samples (seeded); default: all")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per graph (default 20)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N test samples (seeded); default: all")
+    parser.add_argument("--runs", type=positive_int, default=20, help="timed runs per graph (default 20)")
     parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
     parser.add_argument("--scratch", default="artifacts/accuracy", help="folder for the per-sweep artifacts")
     args = parser.parse_args(argv)

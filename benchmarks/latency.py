@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.cli import positive_int
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -185,8 +187,8 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float, breakdow
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="deit_small b8 r0.9 and bert_base seq128 b8 r0.7")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
     parser.add_argument("--out", type=Path, default=None, help="folder for latency.md/.json (default results/)")
     args = parser.parse_args(argv)

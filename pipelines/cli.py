@@ -59,7 +59,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, or a one-line usage error."""
     try:
         value = int(text)
     except ValueError:
@@ -75,7 +76,7 @@ def _add_merge_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     which = group.add_mutually_exclusive_group()
     which.add_argument("--ratio", type=_ratio, default=None, help="fraction of tokens kept per layer (default 0.9)")
     which.add_argument("--schedule", type=_schedule, default=None, help="explicit tokens merged per layer: 19,17,...")
-    group.add_argument("--seq-len", type=_positive, default=None, help="fixed sequence length for text models")
+    group.add_argument("--seq-len", type=positive_int, default=None, help="fixed sequence length for text models")
     return group
 
 
@@ -112,11 +113,11 @@ def _add_run_flags(parser: argparse.ArgumentParser, merging: argparse._ArgumentG
     validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
     validation.add_argument("--data", help="labelled data for accuracy: image folder (class/*.jpg), "
                             "Fashion-MNIST IDX folder, or text .csv/.jsonl with text,label")  # fmt: skip
-    validation.add_argument("--limit", type=_positive, default=None, help="use N samples of --data (seeded)")
+    validation.add_argument("--limit", type=positive_int, default=None, help="use N samples of --data (seeded)")
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--batch", type=_positive, default=8, help="benchmark batch size (default 8)")
-    bench.add_argument("--runs", type=_positive, default=20, help="timed runs per candidate (default 20)")
-    bench.add_argument("--threads", type=_positive, default=2, help="intra-op threads, torch and ORT (default 2)")
+    bench.add_argument("--batch", type=positive_int, default=8, help="benchmark batch size (default 8)")
+    bench.add_argument("--runs", type=positive_int, default=20, help="timed runs per candidate (default 20)")
+    bench.add_argument("--threads", type=positive_int, default=2, help="intra-op threads, torch and ORT (default 2)")
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--out", help="output folder (default under artifacts/)")
     output.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -155,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="ONNX Runtime execution provider for parity and latency (cuda, tensorrt: "
                                      "onnxruntime-gpu)")  # fmt: skip
     trt = export.add_argument_group("tensorrt (--target trt)")
-    trt.add_argument("--min-batch", type=_positive, default=1, help="optimisation profile: smallest batch (default 1)")
-    trt.add_argument("--opt-batch", type=_positive, default=8, help="batch the engine is tuned for (default 8)")
-    trt.add_argument("--max-batch", type=_positive, default=64, help="largest batch (default 64)")
-    trt.add_argument("--workspace", type=_positive, default=4096, metavar="MiB", help="builder workspace limit")
+    trt.add_argument(
+        "--min-batch", type=positive_int, default=1, help="optimisation profile: smallest batch (default 1)"
+    )
+    trt.add_argument("--opt-batch", type=positive_int, default=8, help="batch the engine is tuned for (default 8)")
+    trt.add_argument("--max-batch", type=positive_int, default=64, help="largest batch (default 64)")
+    trt.add_argument("--workspace", type=positive_int, default=4096, metavar="MiB", help="builder workspace limit")
     trt.add_argument("--timing-cache", metavar="FILE", help="timing cache read before and written after each build")
 
     sweep = sub.add_parser("sweep", help="grid of algos x ratios: accuracy (or agreement) vs throughput plot")
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     merging = sweep.add_argument_group("merging")
     merging.add_argument("--ratios", type=_float_list, default=[0.975, 0.95, 0.925, 0.9], help="e.g. 0.95,0.9")
     merging.add_argument("--algos", type=_algo_list, default=["pitome", "tome"], help="e.g. pitome,tome")
-    merging.add_argument("--seq-len", type=_positive, default=None, help="fixed sequence length for text models")
+    merging.add_argument("--seq-len", type=positive_int, default=None, help="fixed sequence length for text models")
     _add_run_flags(sweep, merging)
 
     schedule = sub.add_parser("schedule", help="print the per-layer token schedule and block FLOPs")

@@ -116,3 +116,13 @@ def test_latency_harness_rejects_models_outside_its_grid(capsys):
         main(["--models", "deit_small", "resnet50"])
     assert exit_info.value.code == 2
     assert "not in the grid: resnet50" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--runs", "0"], ["--threads", "-1"]])
+def test_latency_harness_rejects_non_positive_counts_before_any_work(argv, capsys):
+    from benchmarks.latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
