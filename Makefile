@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install optimum-site real-assets fashion-mnist test test-heavy lint demo bench bench-full accuracy clean
+.PHONY: install optimum-site real-assets fashion-mnist test test-heavy lint demo bench bench-full bench-gpu accuracy clean
 
 $(BIN)/pitome-export: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: install
 
 bench-full: install
 	$(BIN)/python -m benchmarks.latency
+
+# PyTorch on CUDA (batch 1/8/64, fp32/fp16, eager and CUDA graph); needs an NVIDIA GPU.
+bench-gpu: install
+	$(BIN)/python -m benchmarks.gpu_latency
 
 # The accuracy experiment on the real models' full test sets (results in benchmarks/results/accuracy).
 accuracy: install

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(cases) > 1:  # each case's table as soon as it is measured: a long run keeps its parts
                 stem = case.model + (f"_seq{case.seq_len}" if case.seq_len else "")
                 elapsed = time.perf_counter() - case_start
-                _write(
+                write_results(
                     out,
                     stem,
                     markdown(case_rows, env, command, elapsed, case_breakdowns),
@@ -228,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
     text = markdown(rows, env, command, time.perf_counter() - start, breakdowns)
     if args.models is None:
-        _write(out, "latency", text, command, env, rows, breakdowns)
+        write_results(out, "latency", text, command, env, rows, breakdowns)
     console.print(text)
     return 0
 
 
-def _write(out: Path, stem: str, text: str, command: str, env: dict, rows: list[dict], breakdowns: list[dict]) -> None:
+def write_results(
+    out: Path, stem: str, text: str, command: str, env: dict, rows: list[dict], breakdowns: list[dict]
+) -> None:
     """`<stem>.md` and `<stem>.json` in `out`, each written whole or not at all."""
     from exporter.atomic import atomic_write_text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from exporter.latency import summarize, time_interleaved
 
@@ -126,3 +127,51 @@ def test_latency_harness_rejects_non_positive_counts_before_any_work(argv, capsy
         main(argv)
     assert exit_info.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_gpu_harness_rows_and_table_on_cpu():
+    from benchmarks.gpu_latency import markdown, run_model
+    from benchmarks.latency import Case
+
+    case = Case("test_vit", (0.95, 0.9), (2,))
+    rows = run_model(case, (1, 2), [("fp32", "eager")], ("pitome",), 2, torch.device("cpu"), lambda _: None)
+    assert {(r["candidate"], r["batch"]) for r in rows} == {
+        (name, batch) for name in ("unmerged", "pitome@0.95", "pitome@0.9") for batch in (1, 2)
+    }
+    by_key = {(r["candidate"], r["batch"]): r for r in rows}
+    assert by_key[("unmerged", 2)]["speedup"] == 1.0 and by_key[("unmerged", 2)]["block_flop_ideal"] == 1.0
+    merged = by_key[("pitome@0.9", 2)]
+    assert merged["speedup"] == pytest.approx(by_key[("unmerged", 2)]["median_ms"] / merged["median_ms"])
+    assert merged["block_flop_ideal"] > by_key[("pitome@0.95", 2)]["block_flop_ideal"] > 1.0
+    table = markdown(rows, {"device": "test"}, "cmd", 1.0)
+    assert "| pitome@0.95 | pitome@0.9 |" in table and table.count("| fp32 | eager |") == 2
+    assert f"| {by_key[('pitome@0.95', 1)]['block_flop_ideal']:.2f}x | {merged['block_flop_ideal']:.2f}x |" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cpu", "--modes", "graph"], "fp32 eager only"),
+        (["--device", "cpu", "--precisions", "fp16"], "fp32 eager only"),
+        (["--models", "resnet50"], "not in the grid: resnet50"),
+        (["--ratios", "1.5"], "--ratios must lie in (0, 1]"),
+        (["--runs", "0"], "expected a positive integer"),
+    ],
+)
+def test_gpu_harness_rejects_bad_arguments(argv, message, capsys):
+    from benchmarks.gpu_latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="covers machines without CUDA")
+def test_gpu_harness_without_cuda_says_so(capsys):
+    from benchmarks.gpu_latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--models", "deit_tiny"])
+    assert exit_info.value.code == 4
+    assert "no CUDA device" in capsys.readouterr().err
