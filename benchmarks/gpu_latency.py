@@ -199,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 64])
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None, help="default: fp32 fp16")
-    parser.add_argument(
-        "--modes", nargs="+", choices=MODES, default=None, help="default: both"
-    )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: both")
     parser.add_argument("--runs", type=positive_int, default=50)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu", help="folder for gpu_latency.md/.json")
