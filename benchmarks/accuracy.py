@@ -32,18 +32,21 @@ class Experiment:
     data: str
     ratios: tuple[float, ...]
     prop_attn: tuple[bool, ...]
+    int8_ratio: float  # the PiToMe point also measured in INT8 (static QDQ and dynamic)
     note: str = ""
 
 
 EXPERIMENTS = {
-    "vit_fmnist": Experiment("fashion-mnist", (0.975, 0.95, 0.925, 0.9, 0.875, 0.85), (False, True)),
+    "vit_fmnist": Experiment("fashion-mnist", (0.975, 0.95, 0.925, 0.9, 0.875, 0.85), (False, True), 0.9),
     "minilm_sentiment": Experiment(
         "rotten-tomatoes",
         (0.9, 0.8, 0.7, 0.6, 0.55),
         (False,),
+        0.7,
         note="Proportional attention is not implemented for text models, so text has one setting (off).",
     ),  # fmt: skip
 }
+INT8_MODES = ("static", "dynamic")
 
 
 def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int | None, console) -> dict:
@@ -62,7 +65,33 @@ def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int 
         points += result["points"]
         unmerged = unmerged or {**result["unmerged"], "samples": result["samples"], "data": result["data"]}
         context = result["context"]
-    return {"model": model, "unmerged": unmerged, "points": points, "context": context, "note": exp.note}
+    int8 = [int8_point(model, exp, mode, scratch, limit, console) for mode in INT8_MODES]
+    return {"model": model, "unmerged": unmerged, "points": points, "int8": int8, "context": context, "note": exp.note}
+
+
+def int8_point(model: str, exp: Experiment, mode: str, scratch: Path, limit: int | None, console) -> dict:
+    """PiToMe at `exp.int8_ratio` in INT8 (`mode`), with its FP32 twin and the INT8 unmerged graph,
+    scored on the same test samples; static calibration on the model's own training data. The
+    agreement bars are off: the point is to measure, not to gate."""
+    from pipelines.export_job import ExportJob, run_job
+
+    out = scratch / f"{model}-int8-{mode}"
+    job = ExportJob(
+        model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode,
+        calibration="256" if mode == "static" else None, data=exp.data, limit=limit, out=str(out), force=True,
+        bench=False, min_agreement=(0.0, 0.0),
+    )  # fmt: skip
+    run_job(job, console)
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
+    top1 = accuracy["top1"]
+    return {
+        "mode": mode, "ratio": exp.int8_ratio, "samples": accuracy["samples"],
+        "top1_merged_int8": top1["merged"], "top1_merged_fp32": top1["merged fp32"],
+        "top1_unmerged_int8": top1["unmerged int8"], "top1_unmerged_fp32": top1["unmerged"],
+        "top1_agreement_with_fp32_merged": agreement["top1_agreement"],
+        "decision_agreement_per_layer": agreement["layer_agreement"],
+    }  # fmt: skip
 
 
 def comparison(points: list[dict]) -> list[dict]:
@@ -114,10 +143,34 @@ def markdown(result: dict, command: str, minutes: float) -> str:
         f"PiToMe is ahead at {wins} of {len(rows)} equal-FLOP points, tied at {ties}, behind at "
         f"{len(rows) - wins - ties}.",
     ]
+    lines += int8_markdown(result.get("int8", []))
     if result["note"]:
         lines += ["", result["note"]]
     lines += ["", f"![accuracy vs block FLOPs]({result['model']}.png)", ""]
     return "\n".join(lines)
+
+
+def int8_markdown(int8: list[dict]) -> list[str]:
+    """The INT8 points beside their FP32 twins: the loss is quantization's where unmerged INT8 loses alike."""
+    if not int8:
+        return []
+    lines = [
+        "",
+        f"INT8 (PiToMe {int8[0]['ratio']}, the merge kept FP32; static = QDQ calibrated on 256 training samples, "
+        "dynamic = activation scales at run time), same test samples:",
+        "",
+        "| INT8 mode | merged INT8 | merged FP32 | INT8 - FP32 (points) | unmerged INT8 | unmerged FP32 | "
+        "top-1 agreement with FP32 merged (parity inputs) | merge-decision agreement per layer |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for q in int8:
+        layers = ", ".join(f"{v:.1%}" for v in q["decision_agreement_per_layer"].values())
+        lines.append(
+            f"| {q['mode']} | {q['top1_merged_int8']:.2%} | {q['top1_merged_fp32']:.2%} | "
+            f"{100 * (q['top1_merged_int8'] - q['top1_merged_fp32']):+.2f} | {q['top1_unmerged_int8']:.2%} | "
+            f"{q['top1_unmerged_fp32']:.2%} | {q['top1_agreement_with_fp32_merged']:.1%} | {layers} |"
+        )
+    return lines
 
 
 def draw(result: dict, path: Path) -> None:
@@ -138,8 +191,15 @@ def draw(result: dict, path: Path) -> None:
                         color=styles[algo], linestyle="-" if not prop else "--",
                         label=f"{algo}, prop. attn {'on' if prop else 'off'}")  # fmt: skip
     base = result["unmerged"]
-    ax.plot([result["points"][0]["block_gflops_unmerged"]], [100 * base["top1"]], marker="*", markersize=13,
+    unmerged_gflops = result["points"][0]["block_gflops_unmerged"]
+    ax.plot([unmerged_gflops], [100 * base["top1"]], marker="*", markersize=13,
             color="black", linestyle="none", label="unmerged")  # fmt: skip
+    for q, marker in zip(result.get("int8", []), ("x", "+"), strict=False):
+        merged_gflops = next(p["block_gflops_merged"] for p in result["points"]
+                             if p["algo"] == "pitome" and p["ratio"] == q["ratio"])  # fmt: skip
+        ax.plot([merged_gflops, unmerged_gflops], [100 * q["top1_merged_int8"], 100 * q["top1_unmerged_int8"]],
+                marker=marker, markersize=10, color="tab:red", linestyle="none",
+                label=f"INT8 {q['mode']} (pitome {q['ratio']}, unmerged)")  # fmt: skip
     ax.set_xlabel("block GFLOPs per item")
     ax.set_ylabel(f"top-1 accuracy (%), {base['samples']} test samples")
     ax.set_title(f"{result['model']}: accuracy vs FLOPs (ONNX Runtime)")

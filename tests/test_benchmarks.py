@@ -89,7 +89,15 @@ def test_accuracy_experiment_compares_at_equal_flops(tmp_path):
               "context": context, "note": "a note"}  # fmt: skip
     text = markdown(result, "python -m benchmarks.accuracy", 1.0)
     assert "ahead at 1 of 3 equal-FLOP points, tied at 1, behind at 1" in text
-    assert "| pitome | on | 0.9 |" in text and "a note" in text
+    assert "| pitome | on | 0.9 |" in text and "a note" in text and "INT8" not in text
+    draw(result, tmp_path / "m.png")
+    result["int8"] = [
+        {"mode": "static", "ratio": 0.9, "samples": 100, "top1_merged_int8": 0.77, "top1_merged_fp32": 0.80,
+         "top1_unmerged_int8": 0.81, "top1_unmerged_fp32": 0.82, "top1_agreement_with_fp32_merged": 0.9,
+         "decision_agreement_per_layer": {"blocks.0": 0.97, "blocks.1": 0.9}},
+    ]  # fmt: skip
+    text = markdown(result, "python -m benchmarks.accuracy", 1.0)
+    assert "| static | 77.00% | 80.00% | -3.00 | 81.00% | 82.00% | 90.0% | 97.0%, 90.0% |" in text
     draw(result, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
