@@ -45,7 +45,7 @@ lint: install
 
 # The main job on a default that works offline: random-init DeiT-S, PiToMe at 0.9, to ONNX.
 demo: install
-	$(BIN)/pitome-export deit_small --random-init --ratio 0.9 --target onnx --force
+	$(BIN)/pitome-export vit_fmnist --ratio 0.9 --target onnx --data fashion-mnist --force
 
 # Latency harness: quick (< 10 min on 2 cores) and the full grid recorded in benchmarks/results/full.
 bench: install

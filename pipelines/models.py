@@ -88,7 +88,8 @@ def resolve(name: str) -> ModelSpec:
 def load_model(
     spec: ModelSpec, checkpoint: str | None = None, random_init: bool = False
 ) -> tuple[torch.nn.Module, str]:
-    """Load `spec` and say where its weights came from ("pretrained", "checkpoint PATH", "random-init")."""
+    """Load `spec` and say where its weights came from: "pretrained" (the hub), "shipped (card: PATH)"
+    (the weights this project ships), "checkpoint PATH" or "random-init"."""
     if checkpoint is not None and not Path(checkpoint).exists():
         raise ModelLoadError(f"checkpoint not found: {checkpoint}")
     if spec.builder is not None:
@@ -99,7 +100,14 @@ def load_model(
     else:
         loader = _load_timm if spec.kind == "vision" else _load_hf
         model = loader(spec, checkpoint, random_init)
-    origin = "random-init" if random_init else f"checkpoint {checkpoint}" if checkpoint else "pretrained"
+    if random_init:
+        origin = "random-init"
+    elif checkpoint:
+        origin = f"checkpoint {checkpoint}"
+    elif spec.builder is not None:
+        origin = f"shipped (card: pipelines/assets/{spec.name}/card.md)"
+    else:
+        origin = "pretrained"
     return model.eval(), origin
 
 

