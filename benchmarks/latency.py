@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             case_start, case_breakdowns = time.perf_counter(), []
             case_rows = run_case(case, args.runs, args.threads, folder, console.print, case_breakdowns)
             rows, breakdowns = rows + case_rows, breakdowns + case_breakdowns
-            if len(cases) > 1:  # each case's table as soon as it is measured: a long run keeps its parts
+            if not args.quick:  # each case's table as soon as it is measured: a long run keeps its parts
                 stem = case.model + (f"_seq{case.seq_len}" if case.seq_len else "")
                 elapsed = time.perf_counter() - case_start
                 write_results(

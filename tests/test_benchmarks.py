@@ -183,3 +183,19 @@ def test_gpu_harness_without_cuda_says_so(capsys):
         main(["--models", "deit_tiny"])
     assert exit_info.value.code == 4
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch):
+    """`--models X` alone still leaves X's table and JSON behind (not only the console)."""
+    import json
+
+    from benchmarks import latency
+
+    row = {"model": "deit_tiny", "backend": "onnxruntime-cpu", "candidate": "unmerged", "precision": "fp32",
+           "batch": 1, "median_ms": 2.0, "p90_ms": 2.1, "min_ms": 1.9, "cv": 0.01, "speedup": 1.0,
+           "speedup_min": 1.0, "block_flop_ideal": 1.0, "merge_share": None}  # fmt: skip
+    monkeypatch.setattr(latency, "run_case", lambda case, *args: [row])
+    assert latency.main(["--models", "deit_tiny", "--runs", "2", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "deit_tiny.json").read_text())["rows"] == [row]
+    assert "| deit_tiny | onnxruntime-cpu | unmerged |" in (tmp_path / "deit_tiny.md").read_text()
+    assert not (tmp_path / "latency.md").exists()  # the combined table belongs to a whole-grid run
