@@ -47,6 +47,7 @@ EXPERIMENTS = {
     ),  # fmt: skip
 }
 INT8_MODES = ("static", "dynamic")
+CALIBRATION_SAMPLES = 256  # static INT8: this many samples of the model's own training data
 
 
 def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int | None, console) -> dict:
@@ -78,8 +79,8 @@ def int8_point(model: str, exp: Experiment, mode: str, scratch: Path, limit: int
     out = scratch / f"{model}-int8-{mode}"
     job = ExportJob(
         model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode,
-        calibration="256" if mode == "static" else None, data=exp.data, limit=limit, out=str(out), force=True,
-        bench=False, min_agreement=(0.0, 0.0),
+        calibration=str(CALIBRATION_SAMPLES) if mode == "static" else None, data=exp.data, limit=limit,
+        out=str(out), force=True, bench=False, min_agreement=(0.0, 0.0),
     )  # fmt: skip
     run_job(job, console)
     accuracy = json.loads((out / "accuracy.json").read_text())
@@ -156,7 +157,8 @@ def int8_markdown(int8: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        f"INT8 (PiToMe {int8[0]['ratio']}, the merge kept FP32; static = QDQ calibrated on 256 training samples, "
+        f"INT8 (PiToMe {int8[0]['ratio']}, the merge kept FP32; static = QDQ calibrated on "
+        f"{CALIBRATION_SAMPLES} training samples, "
         "dynamic = activation scales at run time), same test samples:",
         "",
         "| INT8 mode | merged INT8 | merged FP32 | INT8 - FP32 (points) | unmerged INT8 | unmerged FP32 | "

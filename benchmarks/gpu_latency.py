@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import platform
 import shlex
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import ALGOS, FULL, RESULTS
+from benchmarks.latency import ALGOS, FULL, RESULTS, merged_variants
 from pipelines.cli import positive_int
 
 MODES = ("eager", "graph")
@@ -87,19 +86,14 @@ def run_model(
     """Every batch size of one model of the grid: all variants x `flavours` (precision, mode), interleaved."""
     from exporter.latency import time_interleaved
     from exporter.signatures import ExportWrapper, signature_of
-    from ops import patch_model
-    from pipelines.benchmark import flops_summary
     from pipelines.models import load_model, resolve
 
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
-    text = {"seq_len": case.seq_len} if spec.kind == "text" else {}
     signature = signature_of(model, case.seq_len)
     variants = {"unmerged": (model, 1.0)}
-    for algo in algos:
-        for ratio in case.ratios:
-            merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
-            variants[f"{algo}@{ratio}"] = (merged, flops_summary(merged)["block_flop_speedup"])
+    for name, merged, ideal in merged_variants(model, spec.kind, case, algos):
+        variants[name] = (merged, ideal)
     modules = {name: ExportWrapper(m, signature).eval().to(device) for name, (m, _) in variants.items()}
     rows = []
     for batch in batches:
@@ -198,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=None, help="these ratios instead of the grid's")
     parser.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 64])
-    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None, help="default: fp32 fp16")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: both")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None, help="default: all")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: all")
     parser.add_argument("--runs", type=positive_int, default=50)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu", help="folder for gpu_latency.md/.json")
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not torch.cuda.is_available():
             parser.exit(4, "error: no CUDA device visible to PyTorch (use --device cpu for a CPU smoke run)\n")
-        flavours = [(p, m) for p in args.precisions or PRECISIONS for m in args.modes or ("eager", "graph")]
+        flavours = [(p, m) for p in args.precisions or PRECISIONS for m in args.modes or MODES]
     from rich.console import Console
 
     from benchmarks.latency import write_results

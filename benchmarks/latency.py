@@ -63,26 +63,21 @@ def run_case(
     from exporter.quantize import convert_precision
     from exporter.runners import ort_session
     from exporter.signatures import ExportWrapper, signature_of
-    from ops import patch_model, unpatch_model
-    from pipelines.benchmark import flops_summary
+    from ops import unpatch_model
     from pipelines.models import load_model, resolve
 
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
-    text = {"seq_len": case.seq_len} if spec.kind == "text" else {}
     signature = signature_of(model, case.seq_len)
     graphs = {"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)}
     flops = {"unmerged": 1.0}
     eager = {"unmerged": ExportWrapper(model, signature).eval()}
-    for algo in ALGOS:
-        for ratio in case.ratios:
-            name = f"{algo}@{ratio}"
-            log(f"  export {case.model} {name}")
-            merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
-            graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
-            flops[name] = flops_summary(merged)["block_flop_speedup"]
-            if algo == "pitome" and ratio == case.ratios[-1]:
-                eager[name] = ExportWrapper(merged, signature).eval()
+    for name, merged, ideal in merged_variants(model, spec.kind, case, ALGOS):
+        log(f"  export {case.model} {name}")
+        graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
+        flops[name] = ideal
+        if name == f"pitome@{case.ratios[-1]}":
+            eager[name] = ExportWrapper(merged, signature).eval()
     unpatch_model(model)
     # INT8 (dynamic, the CPU default) beside FP32 for the unmerged graph and the last PiToMe ratio,
     # so merging and quantization can be read apart and together, all against FP32 unmerged.
@@ -126,6 +121,18 @@ def run_case(
                 }
             )
     return rows
+
+
+def merged_variants(model: torch.nn.Module, kind: str, case: Case, algos: tuple[str, ...]):
+    """Each algo x ratio of `case`, one at a time: (name, patched copy of `model`, block-FLOP ideal)."""
+    from ops import patch_model
+    from pipelines.benchmark import flops_summary
+
+    text = {"seq_len": case.seq_len} if kind == "text" else {}
+    for algo in algos:
+        for ratio in case.ratios:
+            merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
+            yield f"{algo}@{ratio}", merged, flops_summary(merged)["block_flop_speedup"]
 
 
 def _eager(module: torch.nn.Module, inputs: tuple) -> None:
