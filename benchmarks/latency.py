@@ -6,7 +6,9 @@
 For each model and batch size, every candidate (the unmerged graph and each algo x ratio) is
 timed in ONE interleaved run after warm-up, threads fixed, ORT spinning off; the table shows
 median and p90, the measured speed-up over unmerged beside the block-FLOP ideal, and, for the
-PiToMe graph at the first ratio, the merge's share of ONNX Runtime kernel time (profiled).
+PiToMe graph at the last ratio, what its merge costs: end to end, against the same graph with
+every merge step replaced by keeping the first N - r tokens (same shapes, no merge work), timed
+in the same interleaved run; and by op type, from ONNX Runtime's profiler.
 Weights are random (hubs are unreachable here): latency does not depend on them.
 """
 
@@ -72,12 +74,16 @@ def run_case(
     graphs = {"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)}
     flops = {"unmerged": 1.0}
     eager = {"unmerged": ExportWrapper(model, signature).eval()}
+    pitome_last = f"pitome@{case.ratios[-1]}"
     for name, merged, ideal in merged_variants(model, spec.kind, case, ALGOS):
         log(f"  export {case.model} {name}")
         graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
         flops[name] = ideal
-        if name == f"pitome@{case.ratios[-1]}":
+        if name == pitome_last:
             eager[name] = ExportWrapper(merged, signature).eval()
+            skipped = f"{name} {SKIPPED}"
+            graphs[skipped] = export_onnx(without_merge(merged), None, scratch / "skipped.onnx", seq_len=case.seq_len)
+            flops[skipped] = ideal
     unpatch_model(model)
     # INT8 (dynamic, the CPU default) beside FP32 for the unmerged graph and the last PiToMe ratio,
     # so merging and quantization can be read apart and together, all against FP32 unmerged.
@@ -96,7 +102,7 @@ def run_case(
             candidates[f"eager {name}"] = lambda m=module, i=inputs: _eager(m, i)
         log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
         stats = time_interleaved(candidates, batch, runs=runs)
-        pitome_last = f"pitome@{case.ratios[-1]}"
+        merged_ms, skipped_ms = stats[f"ort {pitome_last}"], stats[f"ort {pitome_last} {SKIPPED}"]
         profile = profile_ort(graphs[pitome_last], arrays, runs=5, threads=threads)
         breakdowns.append({"model": case.model, "graph": pitome_last, "batch": batch, **profile})
         for label, s in stats.items():
@@ -117,7 +123,7 @@ def run_case(
                     "speedup": base.median_ms / s.median_ms,
                     "speedup_min": base.min_ms / s.min_ms,
                     "block_flop_ideal": flops[name],
-                    "merge_share": profile["merge_share"] if (backend == "ort" and name == pitome_last) else None,
+                    **(merge_cost(merged_ms, skipped_ms, profile) if (backend, name) == ("ort", pitome_last) else {}),
                 }
             )
     return rows
@@ -133,6 +139,45 @@ def merged_variants(model: torch.nn.Module, kind: str, case: Case, algos: tuple[
         for ratio in case.ratios:
             merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
             yield f"{algo}@{ratio}", merged, flops_summary(merged)["block_flop_speedup"]
+
+
+SKIPPED = "(merge skipped)"
+
+
+class KeepFirst(torch.nn.Module):
+    """A merge step's stand-in that keeps the first N - r tokens: the merged schedule's shapes
+    without the merge's work, so that the merged graph's latency minus this graph's is what the
+    merge costs end to end. Its one Slice per layer stays in, so the cost is slightly understated."""
+
+    def __init__(self, merge: torch.nn.Module) -> None:
+        super().__init__()
+        self.step = merge.step
+
+    def forward(self, x, size, metric, valid=None):
+        keep = x.shape[1] - self.step.r
+        return x[:, :keep], size[:, :keep]
+
+
+def without_merge(merged: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a patched model whose every merge step keeps the first N - r tokens instead."""
+    from ops.merge import TokenMerge
+
+    skipped = copy.deepcopy(merged)
+    for name, module in list(skipped.named_modules()):
+        if isinstance(module, TokenMerge):
+            parent, _, child = name.rpartition(".")
+            setattr(skipped.get_submodule(parent), child, KeepFirst(module))
+    return skipped
+
+
+def merge_cost(merged, skipped, profile: dict) -> dict:
+    """The merge's share of the merged graph's latency, end to end (median and fastest run) and
+    as ONNX Runtime's profiler attributes kernel time (which also charges its per-node overhead)."""
+    return {
+        "merge_share_latency": 1.0 - skipped.median_ms / merged.median_ms,
+        "merge_share_latency_min": 1.0 - skipped.min_ms / merged.min_ms,
+        "merge_share": profile["merge_share"],
+    }
 
 
 def _eager(module: torch.nn.Module, inputs: tuple) -> None:
@@ -173,19 +218,27 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float, breakdow
         "Candidates of one model and batch size were timed in one interleaved run (median and p90 of the",
         "runs after warm-up); speed-up = FP32 unmerged median / candidate median on the same backend, next",
         "to the block-FLOP ideal from the schedule (attention at the tokens entering a block, MLP after its",
-        "merge). INT8 = ONNX Runtime dynamic quantization with the merge kept FP32. `merge share` = the",
-        "merge subgraph's share of ORT kernel time, profiled.",
+        "merge). INT8 = ONNX Runtime dynamic quantization with the merge kept FP32. `(merge skipped)` = the",
+        "same graph with every merge step replaced by keeping the first N - r tokens: the schedule's shapes",
+        "without the merge's work. `merge, latency` = 1 - skipped / merged (median; fastest run in",
+        "brackets): what the merge costs end to end. `merge, profiled` = the merge nodes' share of ORT",
+        "kernel time, which also charges the profiler's per-node overhead to the merge's many small nodes.",
         "",
         "| model | backend | candidate | precision | batch | median ms | p90 ms | cv | speed-up | (by min) | FLOP ideal "
-        "| merge share |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| merge, latency | merge, profiled |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        share = f"{r['merge_share']:.1%}" if r["merge_share"] is not None else ""
+        latency = (
+            f"{r['merge_share_latency']:.1%} ({r['merge_share_latency_min']:.1%})"
+            if r.get("merge_share") is not None
+            else ""
+        )
+        profiled = f"{r['merge_share']:.1%}" if r.get("merge_share") is not None else ""
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['candidate']} | {r['precision']} | {r['batch']} | {r['median_ms']:.1f} | "
             f"{r['p90_ms']:.1f} | {r['cv']:.1%} | {r['speedup']:.2f}x | {r['speedup_min']:.2f}x | "
-            f"{r['block_flop_ideal']:.2f}x | {share} |"
+            f"{r['block_flop_ideal']:.2f}x | {latency} | {profiled} |"
         )
     lines += breakdown_markdown(list(breakdowns))
     return "\n".join(lines) + "\n"

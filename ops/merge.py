@@ -49,9 +49,10 @@ class MergePlan(NamedTuple):
     """One layer's merge decisions in the form the merge applies them.
 
     Output slot s starts from token `kept[b, s]` (`[B, n_out]`); token `merged[b, k]` (`[B, r]`)
-    is added into slot `into[b, k]`. Every token is kept or merged, once. Slots before
-    `first_receiver` (a layout fact, the same for every input) never receive a merged token.
-    Shapes are fixed by r, so the graph is static; the values are data.
+    is added into slot `first_receiver + into[b, k]`. Slots before `first_receiver` (a layout
+    fact, the same for every input) never receive a merged token, so `into` counts receivers
+    only. Every token is kept or merged, once. Shapes are fixed by r, so the graph is static;
+    the values are data.
     """
 
     kept: torch.Tensor
@@ -69,7 +70,7 @@ def plan_slots(plan: MergePlan) -> torch.Tensor:
     batch, n_out = plan.kept.shape
     slots = torch.arange(n_out, device=plan.kept.device).expand(batch, -1)
     dst = torch.zeros(batch, n_out + plan.merged.shape[1], dtype=torch.int64, device=plan.kept.device)
-    return dst.scatter(1, plan.kept, slots).scatter(1, plan.merged, plan.into)
+    return dst.scatter(1, plan.kept, slots).scatter(1, plan.merged, plan.first_receiver + plan.into)
 
 
 def plan_from_slots(dst: torch.Tensor, n_out: int) -> MergePlan:
@@ -151,7 +152,7 @@ def _bipartite_plan(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, r: i
         # Sorted as float32 (exact below 2**24): TensorRT's TopK takes floating-point input only.
         stay_a = torch.sort(a_order[:, r:].to(torch.float32), dim=-1, stable=True).values.to(torch.int64)
         kept = torch.cat([a.gather(1, stay_a), b], dim=1)
-    return MergePlan(kept, a.gather(1, merged_a), n_stay + best_b.gather(1, merged_a), n_stay)
+    return MergePlan(kept, a.gather(1, merged_a), best_b.gather(1, merged_a), n_stay)
 
 
 def _alternating_plan(
@@ -178,7 +179,7 @@ def _protected_plan(order: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best_
     """
     r = a.shape[1]
     n_protected = order.shape[1] - 2 * r
-    return MergePlan(torch.cat([order[:, 2 * r :], b], dim=1), a, n_protected + best_b, n_protected)
+    return MergePlan(torch.cat([order[:, 2 * r :], b], dim=1), a, best_b, n_protected)
 
 
 def padding_safe_similarity(sim: torch.Tensor, valid_rows: torch.Tensor, valid_cols: torch.Tensor) -> torch.Tensor:
@@ -254,12 +255,13 @@ def size_weighted_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge `x [B, N, C]` by `plan` into the size-weighted mean of each slot's tokens.
 
-    Returns `(x_out [B, n_out, C], size_out [B, n_out, 1])`. Each token is weighted by
-    `size / group_size` before summing, so a token alone in its slot is copied bit-exactly.
-    A receiving slot whose sizes are all 0 (padding) gives 0. Slots that cannot receive are
-    plain copies; each receiving slot starts from its kept token and adds the merged ones,
-    which `lowering` does as a `[receivers, r]` one-hot MatMul (deterministic and plugin-free on
-    TensorRT) or as scatter-add; both give the same numbers. The work beside the copy is
+    Returns `(x_out [B, n_out, C], size_out [B, n_out, 1])`. Slots that cannot receive are
+    plain copies. A receiving slot starts from its kept token and each merged token pulls it
+    towards itself by its share of the slot's size, `x_d + sum_k s_k / S_d (x_k - x_d)`: the
+    size-weighted mean, in which a token alone in its slot adds exactly 0 and is copied
+    bit-exactly, and a slot whose sizes are all 0 (padding) keeps its own token. `lowering`
+    adds the r pulls as a `[receivers, r]` one-hot MatMul (deterministic and plugin-free on
+    TensorRT) or as scatter-add; both give the same numbers. Beside the copy the work is
     O(receivers r C), not the O(n_out N C) of a dense one-hot product.
     """
     if lowering not in LOWERINGS:
@@ -267,19 +269,18 @@ def size_weighted_merge(
     kept, merged, into, first = plan
     x_tail, x_merged = _gather_rows(x, kept[:, first:], merged)
     size_tail, size_merged = _gather_rows(size, kept[:, first:], merged)
-    into = into - first
     if lowering == "matmul":
-        slots = torch.arange(kept.shape[1] - first, device=x.device)
-        joins = (slots[None, :, None] == into[:, None, :]).to(x.dtype)  # [B, receivers, r]
+        receivers = torch.arange(kept.shape[1] - first, device=x.device)
+        joins = (receivers[None, :, None] == into[:, None, :]).to(x.dtype)  # [B, receivers, r]
         size_out = size_tail + joins @ size_merged
     else:
         size_out = size_tail.scatter_add(1, into[..., None], size_merged)
-    weight_merged = size_merged / size_out.gather(1, into[..., None]).clamp_min(1e-12)
-    x_out = x_tail * (size_tail / size_out.clamp_min(1e-12))
-    if lowering == "matmul":  # each merged token's weight sits in its column of `joins`
-        x_out = x_out + (joins * weight_merged.transpose(1, 2)) @ x_merged
+    (size_dest,), (x_dest,) = _gather_rows(size_out, into), _gather_rows(x_tail, into)
+    pull = (x_merged - x_dest) * (size_merged / size_dest.clamp_min(1e-12))
+    if lowering == "matmul":
+        x_out = x_tail + joins @ pull
     else:
-        x_out = x_out.scatter_add(1, into[..., None].expand_as(x_merged), x_merged * weight_merged)
+        x_out = x_tail.scatter_add(1, into[..., None].expand_as(pull), pull)
     if first == 0:
         return x_out, size_out
     (x_head,) = _gather_rows(x, kept[:, :first])
@@ -307,7 +308,7 @@ def merge_assignment(
         return plan
     prefix = torch.arange(num_prefix, device=metric.device).expand(metric.shape[0], -1)
     kept = torch.cat([prefix, plan.kept + num_prefix], 1)
-    return MergePlan(kept, plan.merged + num_prefix, plan.into + num_prefix, plan.first_receiver + num_prefix)
+    return MergePlan(kept, plan.merged + num_prefix, plan.into, plan.first_receiver + num_prefix)
 
 
 class MergeAssign(torch.nn.Module):

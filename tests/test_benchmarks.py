@@ -41,6 +41,37 @@ def test_profile_splits_merge_from_model(tmp_path):
     assert "MatMul" in profile["by_op_ms"]
 
 
+@pytest.mark.parametrize("family", ["deit", "bert"])
+def test_merge_skipped_model_keeps_the_schedule_without_the_merge(family, tmp_path):
+    """The end-to-end merge cost compares against a graph of the same shapes with no merge work."""
+    import onnx
+
+    from benchmarks.latency import KeepFirst, without_merge
+    from exporter.onnx_export import export_onnx
+    from ops import patch_model
+    from ops.merge import TokenMerge
+    from tests.models import small_text, small_vit
+
+    seq_len = 32 if family == "bert" else None
+    model = small_vit("deit") if family == "deit" else small_text("bert")
+    merged = patch_model(model, ratio=0.7 if seq_len else 0.9, seq_len=seq_len)
+    skipped = without_merge(merged)
+    assert not any(isinstance(m, TokenMerge) for m in skipped.modules())
+    assert any(isinstance(m, KeepFirst) for m in skipped.modules())
+    assert any(isinstance(m, TokenMerge) for m in merged.modules())  # the original is untouched
+    graphs = {
+        name: export_onnx(m, None, tmp_path / f"{name}.onnx", seq_len=seq_len)
+        for name, m in (("merged", merged), ("skipped", skipped))
+    }
+    ops_of = {name: {node.op_type for node in onnx.load(path).graph.node} for name, path in graphs.items()}
+    shapes = {
+        name: [d.dim_value for d in onnx.load(path).graph.output[0].type.tensor_type.shape.dim]
+        for name, path in graphs.items()
+    }
+    assert shapes["merged"] == shapes["skipped"]
+    assert "TopK" in ops_of["merged"] and "TopK" not in ops_of["skipped"]
+
+
 def test_latency_harness_rows(tmp_path):
     from benchmarks.latency import Case, markdown, run_case
 
@@ -55,14 +86,20 @@ def test_latency_harness_rows(tmp_path):
         ("onnxruntime-cpu", "pitome@0.9", "int8"),
         ("pytorch-eager", "unmerged", "fp32"),
         ("pytorch-eager", "pitome@0.9", "fp32"),
+        ("onnxruntime-cpu", "pitome@0.9 (merge skipped)", "fp32"),
     }
     by_name = {(r["backend"], r["candidate"], r["precision"]): r for r in rows}
     assert by_name[("onnxruntime-cpu", "unmerged", "fp32")]["speedup"] == 1.0
     assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["block_flop_ideal"] > 1.0
     assert by_name[("onnxruntime-cpu", "pitome@0.9", "int8")]["block_flop_ideal"] > 1.0
-    assert by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")]["merge_share"] is not None
+    merged, skipped = (
+        by_name[("onnxruntime-cpu", "pitome@0.9", "fp32")],
+        by_name[("onnxruntime-cpu", "pitome@0.9 (merge skipped)", "fp32")],
+    )
+    assert merged["merge_share"] is not None
+    assert merged["merge_share_latency"] == pytest.approx(1 - skipped["median_ms"] / merged["median_ms"])
     table = markdown(rows, {"cpu": "test", "threads": 2}, "cmd", 1.0, breakdowns)
-    assert table.count("\n| test_vit |") == 7 and "| pitome@0.9 | int8 |" in table
+    assert table.count("\n| test_vit |") == 8 and "| pitome@0.9 | int8 |" in table
     assert len(breakdowns) == 1 and breakdowns[0]["merge_by_op_ms"] and "## Merge breakdown" in table
 
 
@@ -193,7 +230,7 @@ def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch):
 
     row = {"model": "deit_tiny", "backend": "onnxruntime-cpu", "candidate": "unmerged", "precision": "fp32",
            "batch": 1, "median_ms": 2.0, "p90_ms": 2.1, "min_ms": 1.9, "cv": 0.01, "speedup": 1.0,
-           "speedup_min": 1.0, "block_flop_ideal": 1.0, "merge_share": None}  # fmt: skip
+           "speedup_min": 1.0, "block_flop_ideal": 1.0}  # fmt: skip
     monkeypatch.setattr(latency, "run_case", lambda case, *args: [row])
     assert latency.main(["--models", "deit_tiny", "--runs", "2", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "deit_tiny.json").read_text())["rows"] == [row]
