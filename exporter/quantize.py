@@ -120,8 +120,12 @@ def convert_precision(
         proto = ir.to_proto(graph)
     elif precision == "int8":
         with tempfile.TemporaryDirectory(prefix="pitome-quant-") as tmp, _quiet():
-            out = str(Path(tmp) / "int8.onnx")
-            _int8(src, out, int8_mode, keep, calibration)
+            # The quantizer infers shapes itself and fails on any exported shape hint it infers
+            # differently (onnxruntime 1.30 does on the classifier head of timm models): drop them.
+            del proto.graph.value_info[:]
+            bare, out = Path(tmp) / "fp32.onnx", str(Path(tmp) / "int8.onnx")
+            onnx.save_model(proto, bare, save_as_external_data=True, location="fp32.onnx.data")
+            _int8(bare, out, int8_mode, keep, calibration)
             proto = onnx.load(out)
     stamp = {
         "precision": precision,

@@ -58,6 +58,23 @@ def test_conversion_keeps_every_merge_node_fp32(merged_graph, precision, mode, m
     assert logits.shape == reference.shape and 0.05 > np.abs(logits - reference).max() > 0
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_ignores_shape_hints_the_quantizer_would_infer_differently(merged_graph, mode):
+    """onnxruntime 1.30's quantizer rejected the exporter's shape hints on timm's head; a graph
+    whose hint contradicts inference must still quantize (hints are optional, it infers its own)."""
+    from exporter.quantize import convert_precision
+
+    _, fp32, _, folder = merged_graph
+    proto = onnx.load(fp32)
+    head = proto.graph.node[-1]
+    stale = onnx.helper.make_tensor_value_info(head.input[0], onnx.TensorProto.FLOAT, ["batch", 7])
+    proto.graph.value_info.append(stale)
+    hinted = folder / "stale-hint.onnx"
+    onnx.save(proto, hinted)
+    out = convert_precision(hinted, folder / f"stale-hint-{mode}.onnx", "int8", mode, _feeds(), "test")
+    assert any(n.op_type in ("MatMulInteger", "QuantizeLinear") for n in onnx.load(out).graph.node)
+
+
 def test_reduced_nodes_sees_a_conversion_that_ignores_the_merge(merged_graph):
     """The check above can fail: converted without the block list, merge nodes show as touched."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
