@@ -32,7 +32,7 @@ class Experiment:
     data: str
     ratios: tuple[float, ...]
     prop_attn: tuple[bool, ...]
-    int8_ratio: float  # the PiToMe point also measured in INT8 (static QDQ and dynamic)
+    int8_ratio: float  # the PiToMe point also measured in INT8 (each of INT8_VARIANTS)
     note: str = ""
 
 
@@ -46,12 +46,14 @@ EXPERIMENTS = {
         note="Proportional attention is not implemented for text models, so text has one setting (off).",
     ),  # fmt: skip
 }
-INT8_MODES = ("static", "dynamic")
+# (mode, FFN down-projection precision): each mode's default, and static with the FFN in INT8 too,
+# which shows what keeping it FP32 buys.
+INT8_VARIANTS = (("static", "fp32"), ("static", "int8"), ("dynamic", "int8"))
 CALIBRATION_SAMPLES = 256  # static INT8: this many samples of the model's own training data
 
 
 def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int | None, console) -> dict:
-    """One sweep per proportional-attention setting; their points and the unmerged baseline."""
+    """One sweep per proportional-attention setting; their points and the unmerged baseline; the INT8 points."""
     from pipelines.sweep import SweepJob, run_sweep
 
     points, unmerged = [], None
@@ -66,19 +68,23 @@ def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int 
         points += result["points"]
         unmerged = unmerged or {**result["unmerged"], "samples": result["samples"], "data": result["data"]}
         context = result["context"]
-    int8 = [int8_point(model, exp, mode, scratch, limit, console) for mode in INT8_MODES]
+    int8 = int8_points(model, exp, scratch, limit, console)
     return {"model": model, "unmerged": unmerged, "points": points, "int8": int8, "context": context, "note": exp.note}
 
 
-def int8_point(model: str, exp: Experiment, mode: str, scratch: Path, limit: int | None, console) -> dict:
-    """PiToMe at `exp.int8_ratio` in INT8 (`mode`), with its FP32 twin and the INT8 unmerged graph,
-    scored on the same test samples; static calibration on the model's own training data. The
-    agreement bars are off: the point is to measure, not to gate."""
+def int8_points(model: str, exp: Experiment, scratch: Path, limit: int | None, console) -> list[dict]:
+    return [int8_point(model, exp, mode, ffn, scratch, limit, console) for mode, ffn in INT8_VARIANTS]
+
+
+def int8_point(model: str, exp: Experiment, mode: str, ffn_out: str, scratch: Path, limit: int | None, console) -> dict:
+    """PiToMe at `exp.int8_ratio` in INT8 (`mode`, FFN down-projections in `ffn_out`), with its FP32
+    twin and the INT8 unmerged graph, scored on the same test samples; static calibration on the
+    model's own training data. The agreement bars are off: the point is to measure, not to gate."""
     from pipelines.export_job import ExportJob, run_job
 
-    out = scratch / f"{model}-int8-{mode}"
+    out = scratch / f"{model}-int8-{mode}-ffn-{ffn_out}"
     job = ExportJob(
-        model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode,
+        model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode, int8_ffn_out=ffn_out,
         calibration=str(CALIBRATION_SAMPLES) if mode == "static" else None, data=exp.data, limit=limit,
         out=str(out), force=True, bench=False, min_agreement=(0.0, 0.0),
     )  # fmt: skip
@@ -87,7 +93,7 @@ def int8_point(model: str, exp: Experiment, mode: str, scratch: Path, limit: int
     agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
     top1 = accuracy["top1"]
     return {
-        "mode": mode, "ratio": exp.int8_ratio, "samples": accuracy["samples"],
+        "mode": mode, "ffn_out": ffn_out, "ratio": exp.int8_ratio, "samples": accuracy["samples"],
         "top1_merged_int8": top1["merged"], "top1_merged_fp32": top1["merged fp32"],
         "top1_unmerged_int8": top1["unmerged int8"], "top1_unmerged_fp32": top1["unmerged"],
         "top1_agreement_with_fp32_merged": agreement["top1_agreement"],
@@ -107,12 +113,14 @@ def comparison(points: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(result: dict, command: str, minutes: float) -> str:
+def markdown(result: dict, command: str, minutes: float | None) -> str:
     ctx, base = result["context"], result["unmerged"]
     lines = [
         f"# Accuracy vs FLOPs: {result['model']}",
         "",
-        f"`{command}` ({minutes:.0f} min). {base['samples']} test samples ({base['data']}), through ONNX Runtime CPU; "
+        f"`{command}`"
+        + (f" ({minutes:.0f} min)" if minutes is not None else "")
+        + f". {base['samples']} test samples ({base['data']}), through ONNX Runtime CPU; "
         f"weights: {ctx['weights']}.",
         f"CPU {ctx['cpu']}, {ctx['threads']} threads; versions: "
         + ", ".join(f"{k} {v}" for k, v in ctx["versions"].items()),
@@ -144,14 +152,14 @@ def markdown(result: dict, command: str, minutes: float) -> str:
         f"PiToMe is ahead at {wins} of {len(rows)} equal-FLOP points, tied at {ties}, behind at "
         f"{len(rows) - wins - ties}.",
     ]
-    lines += int8_markdown(result.get("int8", []))
+    lines += int8_markdown(result.get("int8", []), result.get("int8_rerun"))
     if result["note"]:
         lines += ["", result["note"]]
     lines += ["", f"![accuracy vs block FLOPs]({result['model']}.png)", ""]
     return "\n".join(lines)
 
 
-def int8_markdown(int8: list[dict]) -> list[str]:
+def int8_markdown(int8: list[dict], rerun: dict | None = None) -> list[str]:
     """The INT8 points beside their FP32 twins: the loss is quantization's where unmerged INT8 loses alike."""
     if not int8:
         return []
@@ -159,16 +167,18 @@ def int8_markdown(int8: list[dict]) -> list[str]:
         "",
         f"INT8 (PiToMe {int8[0]['ratio']}, the merge kept FP32; static = QDQ calibrated on "
         f"{CALIBRATION_SAMPLES} training samples, "
-        "dynamic = activation scales at run time), same test samples:",
+        "dynamic = activation scales at run time; FFN down-proj. = the MatMuls after GELU), same test samples"
+        + (f", re-measured by `{rerun['command']}` ({rerun['minutes']:.0f} min)" if rerun else "")
+        + ":",
         "",
-        "| INT8 mode | merged INT8 | merged FP32 | INT8 - FP32 (points) | unmerged INT8 | unmerged FP32 | "
-        "top-1 agreement with FP32 merged (parity inputs) | merge-decision agreement per layer |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| INT8 mode | FFN down-proj. | merged INT8 | merged FP32 | INT8 - FP32 (points) | unmerged INT8 | "
+        "unmerged FP32 | top-1 agreement with FP32 merged (parity inputs) | merge-decision agreement per layer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for q in int8:
         layers = ", ".join(f"{v:.1%}" for v in q["decision_agreement_per_layer"].values())
         lines.append(
-            f"| {q['mode']} | {q['top1_merged_int8']:.2%} | {q['top1_merged_fp32']:.2%} | "
+            f"| {q['mode']} | {q.get('ffn_out', 'int8')} | {q['top1_merged_int8']:.2%} | {q['top1_merged_fp32']:.2%} | "
             f"{100 * (q['top1_merged_int8'] - q['top1_merged_fp32']):+.2f} | {q['top1_unmerged_int8']:.2%} | "
             f"{q['top1_unmerged_fp32']:.2%} | {q['top1_agreement_with_fp32_merged']:.1%} | {layers} |"
         )
@@ -196,12 +206,12 @@ def draw(result: dict, path: Path) -> None:
     unmerged_gflops = result["points"][0]["block_gflops_unmerged"]
     ax.plot([unmerged_gflops], [100 * base["top1"]], marker="*", markersize=13,
             color="black", linestyle="none", label="unmerged")  # fmt: skip
-    for q, marker in zip(result.get("int8", []), ("x", "+"), strict=False):
+    for q, marker in zip(result.get("int8", []), ("x", "+", "1"), strict=False):
         merged_gflops = next(p["block_gflops_merged"] for p in result["points"]
                              if p["algo"] == "pitome" and p["ratio"] == q["ratio"])  # fmt: skip
         ax.plot([merged_gflops, unmerged_gflops], [100 * q["top1_merged_int8"], 100 * q["top1_unmerged_int8"]],
                 marker=marker, markersize=10, color="tab:red", linestyle="none",
-                label=f"INT8 {q['mode']} (pitome {q['ratio']}, unmerged)")  # fmt: skip
+                label=f"INT8 {q['mode']}, FFN {q.get('ffn_out', 'int8')} (pitome {q['ratio']}, unmerged)")  # fmt: skip
     ax.set_xlabel("block GFLOPs per item")
     ax.set_ylabel(f"top-1 accuracy (%), {base['samples']} test samples")
     ax.set_title(f"{result['model']}: accuracy vs FLOPs (ONNX Runtime)")
@@ -219,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive_int, default=20, help="timed runs per graph (default 20)")
     parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
     parser.add_argument("--scratch", default="artifacts/accuracy", help="folder for the per-sweep artifacts")
+    parser.add_argument("--int8-only", action="store_true",
+                        help="re-measure the INT8 points only; the FP32 sweep is read from the recorded results")  # fmt: skip
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -232,16 +244,29 @@ def main(argv: list[str] | None = None) -> int:
         if model not in EXPERIMENTS:
             print(f"benchmarks.accuracy: error: unknown model {model!r}; choose from {', '.join(EXPERIMENTS)}")
             return 2
+        recorded = out / f"{model}.json"
+        if args.int8_only and not recorded.is_file():
+            print(f"benchmarks.accuracy: error: --int8-only needs a recorded sweep, {recorded} is missing")
+            return 2
         began = time.perf_counter()
         try:
-            result = run_model(model, EXPERIMENTS[model], Path(args.scratch), args.runs, args.limit, console)
+            if args.int8_only:
+                result = json.loads(recorded.read_text())
+                result["int8"] = int8_points(model, EXPERIMENTS[model], Path(args.scratch), args.limit, console)
+            else:
+                result = run_model(model, EXPERIMENTS[model], Path(args.scratch), args.runs, args.limit, console)
         except PitomeError as exc:
             print(f"benchmarks.accuracy: error: {exc}", file=sys.stderr)
             return 2
         minutes = (time.perf_counter() - began) / 60
-        atomic_write_text(out / f"{model}.json", json.dumps({"command": command, **result}, indent=2))
+        if args.int8_only:
+            result["int8_rerun"] = {"command": command, "minutes": minutes}
+        else:
+            result.update(command=command, minutes=minutes)
+            result.pop("int8_rerun", None)
+        atomic_write_text(recorded, json.dumps(result, indent=2))
         draw(result, out / f"{model}.png")
-        atomic_write_text(out / f"{model}.md", markdown(result, command, minutes))
+        atomic_write_text(out / f"{model}.md", markdown(result, result["command"], result.get("minutes")))
         console.print(f"[bold]{model}:[/] {out / (model + '.md')}")
     return 0
 

@@ -49,14 +49,33 @@ FULL = (
 )
 QUICK = (Case("deit_small", (0.9,), (8,)), Case("bert_base", (0.7,), (8,), seq_len=128))
 ALGOS = ("pitome", "tome")
+# INT8 graphs beside FP32: dynamic (the CPU default) by default; static QDQ on request, calibrated
+# on seeded synthetic inputs (random weights), FFN down-projections FP32 (its default).
+INT8_SUFFIX = {"dynamic": " int8", "static": " int8 static"}
+CALIBRATION_BATCHES = 4
+
+
+def split_precision(name: str) -> tuple[str, str]:
+    """A timed graph's name as (candidate, precision): "pitome@0.9 int8" -> ("pitome@0.9", "int8")."""
+    for suffix in sorted(INT8_SUFFIX.values(), key=len, reverse=True):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), suffix.strip()
+    return name, "fp32"
 
 
 def run_case(
-    case: Case, runs: int, threads: int, scratch: Path, log, breakdowns: list[dict] | None = None
+    case: Case,
+    runs: int,
+    threads: int,
+    scratch: Path,
+    log,
+    breakdowns: list[dict] | None = None,
+    int8_modes: tuple[str, ...] = ("dynamic",),
 ) -> list[dict]:
     """Every batch size of one model: export each variant once, time them interleaved.
 
     The PiToMe graph at the last ratio is also profiled; its merge breakdown goes to `breakdowns`.
+    The unmerged graph and that PiToMe graph are also timed in INT8, once per `int8_modes`.
     """
     breakdowns = [] if breakdowns is None else breakdowns
     from exporter.latency import time_interleaved
@@ -85,12 +104,24 @@ def run_case(
             graphs[skipped] = export_onnx(without_merge(merged), None, scratch / "skipped.onnx", seq_len=case.seq_len)
             flops[skipped] = ideal
     unpatch_model(model)
-    # INT8 (dynamic, the CPU default) beside FP32 for the unmerged graph and the last PiToMe ratio,
-    # so merging and quantization can be read apart and together, all against FP32 unmerged.
-    for name in ("unmerged", f"pitome@{case.ratios[-1]}"):
-        log(f"  quantize {case.model} {name} to int8")
-        graphs[f"{name} int8"] = convert_precision(graphs[name], scratch / f"{name}-int8.onnx", "int8", "dynamic")
-        flops[f"{name} int8"] = flops[name]
+    # INT8 beside FP32 for the unmerged graph and the last PiToMe ratio, so merging and
+    # quantization can be read apart and together, all against FP32 unmerged.
+    calibration = (
+        [
+            {k: v.numpy() for k, v in signature.example_inputs(8, seed=100 + i).items()}
+            for i in range(CALIBRATION_BATCHES)
+        ]
+        if "static" in int8_modes
+        else None
+    )
+    for mode in int8_modes:
+        for name in ("unmerged", f"pitome@{case.ratios[-1]}"):
+            log(f"  quantize {case.model} {name} to int8 ({mode})")
+            quantized = name + INT8_SUFFIX[mode]
+            graphs[quantized] = convert_precision(
+                graphs[name], scratch / f"{name}-int8-{mode}.onnx", "int8", mode, calibration, "synthetic"
+            )
+            flops[quantized] = flops[name]
     rows = []
     for batch in case.batches:
         feeds = signature.example_inputs(batch, seed=0)
@@ -108,12 +139,12 @@ def run_case(
         for label, s in stats.items():
             backend, name = label.split(" ", 1)
             base = stats[f"{backend} unmerged"]
-            precision = "int8" if name.endswith(" int8") else "fp32"
+            candidate, precision = split_precision(name)
             rows.append(
                 {
                     "model": case.model + (f" (seq {case.seq_len})" if case.seq_len else ""),
                     "backend": "onnxruntime-cpu" if backend == "ort" else "pytorch-eager",
-                    "candidate": name.removesuffix(" int8"),
+                    "candidate": candidate,
                     "precision": precision,
                     "batch": batch,
                     "median_ms": s.median_ms,
@@ -218,7 +249,8 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float, breakdow
         "Candidates of one model and batch size were timed in one interleaved run (median and p90 of the",
         "runs after warm-up); speed-up = FP32 unmerged median / candidate median on the same backend, next",
         "to the block-FLOP ideal from the schedule (attention at the tokens entering a block, MLP after its",
-        "merge). INT8 = ONNX Runtime dynamic quantization with the merge kept FP32. `(merge skipped)` = the",
+        "merge). int8 = ONNX Runtime dynamic quantization, int8 static = QDQ calibrated on seeded synthetic",
+        "inputs with the FFN down-projections FP32; the merge is FP32 in both. `(merge skipped)` = the",
         "same graph with every merge step replaced by keeping the first N - r tokens: the schedule's shapes",
         "without the merge's work. `merge, latency` = 1 - skipped / merged (median; fastest run in",
         "brackets): what the merge costs end to end. `merge, profiled` = the merge nodes' share of ORT",
@@ -244,6 +276,14 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float, breakdow
     return "\n".join(lines) + "\n"
 
 
+def _int8_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in INT8_SUFFIX]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"expected dynamic, static or both, got {text!r}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="deit_small b8 r0.9 and bert_base seq128 b8 r0.7")
@@ -251,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
     parser.add_argument("--out", type=Path, default=None, help="folder for latency.md/.json (default results/)")
+    parser.add_argument("--int8-modes", type=_int8_modes, default=("dynamic",),
+                        help="INT8 graphs to time: dynamic, static or dynamic,static (default dynamic)")  # fmt: skip
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -272,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(scratch) / str(i)
             folder.mkdir()
             case_start, case_breakdowns = time.perf_counter(), []
-            case_rows = run_case(case, args.runs, args.threads, folder, console.print, case_breakdowns)
+            case_rows = run_case(case, args.runs, args.threads, folder, console.print, case_breakdowns, args.int8_modes)
             rows, breakdowns = rows + case_rows, breakdowns + case_breakdowns
-            if not args.quick:  # each case's table as soon as it is measured: a long run keeps its parts
+            if not args.quick or args.models:  # each case's table as soon as measured: a long run keeps its parts
                 stem = case.model + (f"_seq{case.seq_len}" if case.seq_len else "")
                 elapsed = time.perf_counter() - case_start
                 write_results(

@@ -8,10 +8,12 @@ and reduced, that output every merging layer's slots (the shipped graph has no s
 Slot numbers are positions, and one different decision shifts the positions of every later
 token, so they are not compared directly. Following each input token through the layers gives,
 after every merging layer, the group of input tokens it has been merged with. Two figures per
-layer: `layer_agreement`, the layer's own decisions (among input tokens whose group was still
-FP32's on entering the layer, the fraction whose group is still FP32's after it; this is what
-the threshold judges), and `cumulative_agreement`, the fraction of input tokens whose group is
-exactly FP32's after the layer, every earlier difference included.
+layer: `layer_agreement`, the layer's own decisions as the issue defines them, the fraction of
+tokens whose merge destination equals FP32's (among tokens that entered the layer in FP32's
+groups; a token's destination is the token that owns its slot, itself if it stays, named by
+the input tokens in it); this is what the threshold judges. And `cumulative_agreement`, the
+fraction of input tokens whose group is exactly FP32's after the layer, every earlier
+difference included (a token that stays but receives a different token counts here, not above).
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ def token_destinations(slots_per_layer: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def destinations(slots: np.ndarray, owners: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """`[B, N0, N0]`: for input token i, which input tokens make up the token it is merged into.
+
+    `where [B, N0]` is each input token's position entering the layer, `slots [B, N]` and
+    `owners [B, n_out]` the layer's decisions; a token that stays is its own destination.
+    """
+    owner = np.take_along_axis(owners, np.take_along_axis(slots, where, axis=1), axis=1)
+    return owner[:, :, None] == where[:, None, :]
+
+
 def same_groups(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`[B, N0]`: whether input token i shares its slot with the same input tokens under `a` and `b`."""
     return ((a[:, :, None] == a[:, None, :]) == (b[:, :, None] == b[:, None, :])).all(-1)
@@ -93,19 +105,26 @@ def same_groups(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def decision_agreement(
     fp32_debug: Path, reduced_debug: Path, feeds: list[dict], threads: int | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(per-layer agreement of the layer's own decisions, cumulative agreement), per merging layer."""
+    """(per-layer destination agreement, cumulative group agreement), per merging layer."""
     fp32, reduced = ort_session(fp32_debug, threads=threads), ort_session(reduced_debug, threads=threads)
-    names = [o.name for o in fp32.get_outputs()[1:]]
+    names = [o.name for o in fp32.get_outputs() if o.name.startswith("slots_")]
+    owner_names = [name.replace("slots_", "owners_", 1) for name in names]
     own: dict[str, list[np.ndarray]] = {name: [] for name in names}
     cumulative: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in feeds:
-        paths = (token_destinations(session.run(names, feed)) for session in (fp32, reduced))
-        same_before = None
-        for name, a, b in zip(names, *paths):
-            same = same_groups(a, b)
-            own[name].append(same if same_before is None else same[same_before])
+        runs = [session.run(names + owner_names, feed) for session in (fp32, reduced)]
+        slots = [out[: len(names)] for out in runs]
+        owners = [out[len(names) :] for out in runs]
+        paths = [token_destinations(s) for s in slots]
+        n0 = slots[0][0].shape[1]
+        before = [np.broadcast_to(np.arange(n0), slots[0][0].shape)] * 2
+        same_before = np.ones(slots[0][0].shape, dtype=bool)
+        for k, name in enumerate(names):
+            dest = [destinations(slots[r][k], owners[r][k], before[r]) for r in (0, 1)]
+            own[name].append((dest[0] == dest[1]).all(-1)[same_before])
+            same = same_groups(paths[0][k], paths[1][k])
             cumulative[name].append(same.reshape(-1))
-            same_before = same
+            same_before, before = same, [paths[0][k], paths[1][k]]
 
     def mean(values: list[np.ndarray]) -> float:
         joined = np.concatenate([v.reshape(-1) for v in values])

@@ -19,10 +19,14 @@ from ops.merge import MergeAssign, MergePlan, plan_from_slots, plan_slots
 
 
 @contextlib.contextmanager
-def decision_hooks(model: torch.nn.Module, forced: list[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+def decision_hooks(
+    model: torch.nn.Module, forced: list[torch.Tensor] | None = None, owners: list[torch.Tensor] | None = None
+) -> Iterator[list[torch.Tensor]]:
     """Yield a list that fills with each merging layer's slots `[B, N_l]`, in call order.
 
-    With `forced`, layer k uses `forced[k]` as its slots instead of computing them.
+    With `forced`, layer k uses `forced[k]` as its slots instead of computing them. `owners`, if
+    given, fills with each layer's kept tokens `[B, n_out]`: the token that owns each slot (the
+    one that stays; the others in its slot merge into it).
     """
     captured: list[torch.Tensor] = []
 
@@ -34,6 +38,8 @@ def decision_hooks(model: torch.nn.Module, forced: list[torch.Tensor] | None = N
             if not torch.equal(wanted, slots):
                 plan, slots = plan_from_slots(wanted, plan.n_out), wanted
         captured.append(slots)
+        if owners is not None:
+            owners.append(plan.kept)
         return plan
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MergeAssign)]
@@ -45,21 +51,28 @@ def decision_hooks(model: torch.nn.Module, forced: list[torch.Tensor] | None = N
 
 
 class DecisionWrapper(torch.nn.Module):
-    """ExportWrapper that also returns every merging layer's slots (for a debug export)."""
+    """ExportWrapper that also returns every merging layer's slots, then its slot owners (for a
+    debug export)."""
 
     def __init__(self, model: torch.nn.Module, signature: ModelSignature) -> None:
         super().__init__()
         self.inner = ExportWrapper(model, signature)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with decision_hooks(self.inner) as slots:
+        owners: list[torch.Tensor] = []
+        with decision_hooks(self.inner, owners=owners) as slots:
             out = self.inner(*inputs)
-        return (out, *slots)
+        return (out, *slots, *owners)
 
 
 def decision_output_names(model: torch.nn.Module) -> list[str]:
     """`slots_<layer>` for each layer that merges, in order."""
     return [f"slots_{i}" for i, r in enumerate(model.token_schedule.merges) if r > 0]
+
+
+def owner_output_names(model: torch.nn.Module) -> list[str]:
+    """`owners_<layer>` for each layer that merges, in order (after the slots in a debug export)."""
+    return [name.replace("slots_", "owners_", 1) for name in decision_output_names(model)]
 
 
 def run_eager(

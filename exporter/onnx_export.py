@@ -132,7 +132,8 @@ def export_onnx(
     `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` re-patches the
     model with that merge lowering first (same schedule). Names follow Optimum: `pixel_values`
     -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
-    each merging layer's token slots as outputs `slots_<layer>` (a debug graph, never shipped).
+    each merging layer's token slots and slot owners as outputs `slots_<layer>`, `owners_<layer>`
+    (a debug graph, never shipped).
     `fused` emits each merge step as one `pitome::TokenMerge` node (the TensorRT plugin's op,
     `exporter.merge_node`) instead of decomposed ONNX ops.
     """
@@ -147,9 +148,10 @@ def export_onnx(
     model.eval()
     wrapper, names = ExportWrapper(model, sig), list(sig.output_names)
     if decisions:
-        from exporter.decisions import DecisionWrapper, decision_output_names
+        from exporter.decisions import DecisionWrapper, decision_output_names, owner_output_names
 
-        wrapper, names = DecisionWrapper(model, sig), names + decision_output_names(model)
+        wrapper = DecisionWrapper(model, sig)
+        names = names + decision_output_names(model) + owner_output_names(model)
     translations, fusing = op_lowering.translation_table(), contextlib.nullcontext()
     if fused:
         from exporter.merge_node import fused_merges, translation_table

@@ -174,8 +174,9 @@ def explain_with_decisions(
     layers = decision_output_names(model)
     agree: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     flipped, forced_max, forced_ok = 0, 0.0, True
+    main = session.get_outputs()[0].name
     for feed in feeds:
-        graph_out, *graph_slots = session.run(None, feed)
+        graph_out, *graph_slots = session.run([main, *layers], feed)
         forced_ok &= _within(np.abs(shipped.run(None, feed)[0] - graph_out), graph_out, tol)
         _, eager_slots = run_eager(model, signature, feed, device)
         same = np.ones(graph_out.shape[0], dtype=bool)

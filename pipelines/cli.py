@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
                            help="INT8 by run-time activation scales (dynamic, the CPU default) or calibrated "
                            "QDQ (static; what TensorRT builds from)")  # fmt: skip
+    precision.add_argument("--int8-ffn-out", choices=("fp32", "int8"), default=None,
+                           help="precision of the FFN down-projections (the MatMuls after GELU) in an INT8 graph "
+                           "(default: fp32 in static INT8, whose symmetric scales lose accuracy on post-GELU "
+                           "activations; int8 in dynamic)")  # fmt: skip
     precision.add_argument("--calibration", metavar="DIR|FILE|N", default=None,
                            help="static INT8 calibration data: an image/IDX folder, a text file, a packaged data "
                            "set (fashion-mnist:train), or N samples of the model's own training data")  # fmt: skip
@@ -281,6 +285,7 @@ def _dispatch(args: argparse.Namespace, console) -> int:
             bench=args.bench,
             precision=args.precision,
             int8_mode=args.int8_mode,
+            int8_ffn_out=args.int8_ffn_out,
             calibration=args.calibration,
             min_agreement=(args.min_top1_agreement, args.min_decision_agreement),
             trt_batches=(args.min_batch, args.opt_batch, args.max_batch),

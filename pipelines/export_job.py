@@ -60,6 +60,7 @@ class ExportJob:
     precision: str = "fp32"
     int8_mode: str | None = None  # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
     calibration: str | None = None  # DIR, FILE, data set name, or a sample count
+    int8_ffn_out: str | None = None  # FFN down-projection in INT8 graphs: fp32, int8; None: by mode
     min_agreement: tuple[float, float] = (0.99, 0.99)  # reduced precision: (top-1, per-layer decisions)
     trt_batches: tuple[int, int, int] = (1, 8, 64)  # TensorRT optimisation profile: min, opt, max batch
     workspace_mib: int = 4096
@@ -90,6 +91,13 @@ class ExportJob:
             return self.int8_mode
         return "static" if self.calibration is not None or self.target == "trt" else DEFAULT_INT8_MODE
 
+    def resolved_ffn_out(self) -> str | None:
+        """Precision of the FFN down-projections in an INT8 graph (None unless int8)."""
+        from exporter.quantize import default_ffn_out
+
+        mode = self.resolved_int8_mode()
+        return None if mode is None else self.int8_ffn_out or default_ffn_out(mode)
+
 
 def check_target(target: str) -> None:
     """Fail fast (before loading anything) when the target's backend is missing."""
@@ -104,7 +112,7 @@ def check_target(target: str) -> None:
 
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
-    from exporter.quantize import INT8_MODES, PRECISIONS
+    from exporter.quantize import FFN_OUT_PRECISIONS, INT8_MODES, PRECISIONS
     from exporter.runners import ORT_PROVIDERS, require_ort_provider
 
     if job.precision not in (*PRECISIONS, "bf16"):
@@ -113,6 +121,10 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError(f"unknown INT8 mode {job.int8_mode!r}; choose one of {', '.join(INT8_MODES)}")
     if job.int8_mode is not None and job.precision != "int8":
         raise PitomeError("--int8-mode applies to --precision int8")
+    if job.int8_ffn_out is not None and job.int8_ffn_out not in FFN_OUT_PRECISIONS:
+        raise PitomeError(f"unknown --int8-ffn-out {job.int8_ffn_out!r}; choose one of {', '.join(FFN_OUT_PRECISIONS)}")
+    if job.int8_ffn_out is not None and job.precision != "int8":
+        raise PitomeError("--int8-ffn-out applies to --precision int8")
     if job.calibration is not None and job.calibration.isdigit() and int(job.calibration) < 1:
         raise PitomeError("--calibration N needs N >= 1 samples")
     if job.calibration is not None and job.resolved_int8_mode() != "static":
@@ -267,7 +279,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         schedule = model.token_schedule
         signature = signature_of(model, seq_len)
         data = open_data(job, spec, model, seq_len, signature) if job.data else None
-        int8_mode = job.resolved_int8_mode()
+        int8_mode, ffn_out = job.resolved_int8_mode(), job.resolved_ffn_out()
         calibration, calibration_source = ([], None)
         if int8_mode == "static":
             from pipelines.calibration import calibration_feeds
@@ -307,7 +319,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
 
             def convert(src: Path, dst: Path) -> Path:
                 return convert_precision(
-                    src, dst, job.precision, int8_mode or "dynamic", calibration, calibration_source
+                    src, dst, job.precision, int8_mode or "dynamic", calibration, calibration_source, ffn_out
                 )
 
             label = job.precision + (f" ({int8_mode})" if int8_mode else "")
@@ -379,6 +391,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         "precision": {
             "precision": job.precision,
             "int8_mode": int8_mode,
+            "int8_ffn_out": ffn_out,
             "calibration": calibration_source,
             "agreement": agreement.to_dict() if agreement is not None else None,
             "agreement_line": agreement.verdict() if agreement is not None else None,

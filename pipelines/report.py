@@ -144,16 +144,19 @@ def precision_markdown(precision: dict | None) -> list[str]:
     lines = [f"## Precision: {precision['precision']}", ""]
     if precision["int8_mode"]:
         lines.append(f"- INT8 mode: {precision['int8_mode']}; calibration: {precision['calibration'] or 'none'}")
+        if precision.get("int8_ffn_out") == "fp32":
+            lines.append("- the FFN down-projections (MatMuls after GELU) are kept in FP32 (`--int8-ffn-out`)")
     lines.append("- the merge subgraph (decisions and weighted mean) is kept in FP32")
     agreement = precision["agreement"]
     if agreement:
         lines += ["", precision["agreement_line"], ""]
         if agreement["layer_agreement"]:
             lines += [
-                "Decision agreement with FP32, per merging layer: the layer's own decisions (tokens that entered "
-                "in FP32's groups and left in them) and cumulative (tokens in exactly FP32's groups).",
+                "Decision agreement with FP32, per merging layer: the layer's own decisions (tokens whose merge "
+                "destination, the token owning their slot, is FP32's, among tokens that entered in FP32's groups) "
+                "and cumulative (tokens in exactly FP32's groups).",
                 "",
-                "| merging layer | own decisions | cumulative |",
+                "| merging layer | own decisions (destinations) | cumulative (groups) |",
                 "|---|---:|---:|",
             ]
             lines += [

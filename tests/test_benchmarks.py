@@ -76,9 +76,11 @@ def test_latency_harness_rows(tmp_path):
     from benchmarks.latency import Case, markdown, run_case
 
     breakdowns: list[dict] = []
-    rows = run_case(Case("test_vit", (0.9,), (2,)), 2, 2, tmp_path, lambda _: None, breakdowns)
+    rows = run_case(Case("test_vit", (0.9,), (2,)), 2, 2, tmp_path, lambda _: None, breakdowns, ("dynamic", "static"))
     candidates = {(r["backend"], r["candidate"], r["precision"]) for r in rows}
     assert candidates == {
+        ("onnxruntime-cpu", "unmerged", "int8 static"),
+        ("onnxruntime-cpu", "pitome@0.9", "int8 static"),
         ("onnxruntime-cpu", "unmerged", "fp32"),
         ("onnxruntime-cpu", "pitome@0.9", "fp32"),
         ("onnxruntime-cpu", "tome@0.9", "fp32"),
@@ -99,7 +101,8 @@ def test_latency_harness_rows(tmp_path):
     assert merged["merge_share"] is not None
     assert merged["merge_share_latency"] == pytest.approx(1 - skipped["median_ms"] / merged["median_ms"])
     table = markdown(rows, {"cpu": "test", "threads": 2}, "cmd", 1.0, breakdowns)
-    assert table.count("\n| test_vit |") == 8 and "| pitome@0.9 | int8 |" in table
+    assert table.count("\n| test_vit |") == 10 and "| pitome@0.9 | int8 |" in table
+    assert "| pitome@0.9 | int8 static |" in table
     assert len(breakdowns) == 1 and breakdowns[0]["merge_by_op_ms"] and "## Merge breakdown" in table
 
 
@@ -174,6 +177,16 @@ def test_latency_harness_rejects_non_positive_counts_before_any_work(argv, capsy
     assert "expected a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("modes", ["int4", "", "dynamic,fp16"])
+def test_latency_harness_rejects_unknown_int8_modes(modes, capsys):
+    from benchmarks.latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--int8-modes", modes])
+    assert exit_info.value.code == 2
+    assert "expected dynamic, static or both" in capsys.readouterr().err
+
+
 def test_gpu_harness_rows_and_table_on_cpu():
     from benchmarks.gpu_latency import markdown, run_model
     from benchmarks.latency import Case
@@ -222,7 +235,8 @@ def test_gpu_harness_without_cuda_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch, quick):
     """`--models X` alone still leaves X's table and JSON behind (not only the console)."""
     import json
 
@@ -232,7 +246,9 @@ def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch):
            "batch": 1, "median_ms": 2.0, "p90_ms": 2.1, "min_ms": 1.9, "cv": 0.01, "speedup": 1.0,
            "speedup_min": 1.0, "block_flop_ideal": 1.0}  # fmt: skip
     monkeypatch.setattr(latency, "run_case", lambda case, *args: [row])
-    assert latency.main(["--models", "deit_tiny", "--runs", "2", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "deit_tiny.json").read_text())["rows"] == [row]
-    assert "| deit_tiny | onnxruntime-cpu | unmerged |" in (tmp_path / "deit_tiny.md").read_text()
+    model = "deit_small" if quick else "deit_tiny"
+    row = {**row, "model": model}
+    assert latency.main([*quick, "--models", model, "--runs", "2", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / f"{model}.json").read_text())["rows"] == [row]
+    assert f"| {model} | onnxruntime-cpu | unmerged |" in (tmp_path / f"{model}.md").read_text()
     assert not (tmp_path / "latency.md").exists()  # the combined table belongs to a whole-grid run

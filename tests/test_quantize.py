@@ -75,6 +75,64 @@ def test_int8_ignores_shape_hints_the_quantizer_would_infer_differently(merged_g
     assert any(n.op_type in ("MatMulInteger", "QuantizeLinear") for n in onnx.load(out).graph.node)
 
 
+@pytest.mark.parametrize("opset", [18, 20])
+def test_ffn_down_projections_are_found_with_gelu_decomposed_or_whole(tmp_path, opset):
+    """Opset 20 exports GELU as one node, 18 as Erf arithmetic: either way, one MatMul per block."""
+    from exporter.onnx_export import export_onnx
+    from exporter.quantize import ffn_out_node_names
+    from tests.models import small_vit
+
+    model = small_vit()
+    proto = onnx.load(export_onnx(model, None, tmp_path / f"opset{opset}.onnx", opset=opset))
+    assert ("Gelu" in {n.op_type for n in proto.graph.node}) == (opset == 20)
+    found = ffn_out_node_names(proto)
+    assert len(found) == len(model.blocks)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    weights = {i.name: i for i in proto.graph.initializer}
+    hidden = model.blocks[0].mlp.fc1.out_features
+    for node in proto.graph.node:
+        if node.name in found:  # the MatMul reading the FFN's hidden width: fc2
+            assert onnx.numpy_helper.to_array(weights[node.input[1]]).shape[0] == hidden
+    others = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.name not in found]
+    assert all(producers[n.input[0]].op_type != "Gelu" for n in others) and len(others) > len(found)
+
+
+def _quantized_inputs(proto: onnx.ModelProto, names: list[str]) -> list[bool]:
+    """For each named node of a QDQ graph: whether its activation input comes out of a DequantizeLinear."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {n.name: n for n in proto.graph.node}
+    return [producers[nodes[name].input[0]].op_type == "DequantizeLinear" for name in names]
+
+
+@pytest.mark.parametrize(("ffn_out", "quantized"), [(None, False), ("fp32", False), ("int8", True)])
+def test_static_int8_keeps_ffn_down_projections_fp32_unless_asked(merged_graph, ffn_out, quantized):
+    from exporter.onnx_export import read_metadata
+    from exporter.quantize import convert_precision, ffn_out_node_names, reduced_nodes
+
+    _, fp32, _, folder = merged_graph
+    names = ffn_out_node_names(onnx.load(fp32))
+    out = convert_precision(fp32, folder / f"static-ffn-{ffn_out}.onnx", "int8", "static", _feeds(), "test", ffn_out)
+    proto = onnx.load(out)
+    assert _quantized_inputs(proto, names) == [quantized] * len(names)
+    fc1 = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in names][:3]
+    assert any(_quantized_inputs(proto, fc1))  # the rest of the model still is INT8
+    assert reduced_nodes(proto) == []
+    assert read_metadata(proto)["int8_ffn_out"] == ("fp32" if ffn_out is None else ffn_out)
+
+
+def test_dynamic_int8_quantizes_ffn_down_projections_by_default(merged_graph):
+    from exporter.onnx_export import read_metadata
+    from exporter.quantize import convert_precision, ffn_out_node_names
+
+    _, fp32, _, folder = merged_graph
+    names = set(ffn_out_node_names(onnx.load(fp32)))
+    proto = onnx.load(convert_precision(fp32, folder / "dynamic-ffn.onnx", "int8", "dynamic"))
+    assert names and not names & {n.name for n in proto.graph.node}  # each became a quantized node
+    assert read_metadata(proto)["int8_ffn_out"] == "int8"
+    with pytest.raises(ValueError, match="FFN-out precision"):
+        convert_precision(fp32, folder / "x.onnx", "int8", "dynamic", ffn_out="int4")
+
+
 def test_reduced_nodes_sees_a_conversion_that_ignores_the_merge(merged_graph):
     """The check above can fail: converted without the block list, merge nodes show as touched."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -106,6 +164,27 @@ def test_group_agreement_ignores_slot_numbering_and_sees_moves():
     # two layers: destinations compose (layer 1 merges slots 2 and 3 of layer 0)
     path = token_destinations([layer0, np.array([[0, 1, 2, 2]])])
     assert path[1].tolist() == [[0, 0, 1, 2, 2]]
+
+
+def test_destination_agreement_counts_the_token_that_moved_not_its_hosts():
+    """The issue's measure: a token agrees when the token it merges into (itself if it stays) is
+    FP32's. Token 1 merging into token 2 instead of token 0 moves one token; 0 and 2 stay put."""
+    from exporter.agreement import destinations, same_groups
+
+    start = np.arange(5)[None]
+    fp32 = destinations(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
+    moved = destinations(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
+    assert (fp32 == moved).all(-1).tolist() == [[True, False, True, True, True]]
+    assert same_groups(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 1, 1, 2, 3]])).sum() == 2  # the stricter figure
+    # the same decisions under another slot numbering and owner order agree everywhere
+    renumbered = destinations(np.array([[3, 3, 2, 1, 0]]), np.array([[4, 3, 2, 0]]), start)
+    assert (fp32 == renumbered).all()
+    # a later layer names destinations by the input tokens in them: position 0 holds tokens 0 and
+    # 1; token 2 (position 1) merges into it, token 3 (position 2) stays
+    where = np.array([[0, 0, 1, 2, 3]])
+    layer1 = destinations(np.array([[1, 1, 0, 2]]), np.array([[2, 0, 3]]), where)
+    assert layer1[0, 0].tolist() == layer1[0, 2].tolist() == [True, True, False, False, False]
+    assert layer1[0, 3].tolist() == [False, False, False, True, False]
 
 
 def test_agreement_of_a_graph_with_itself_is_total(merged_graph):
@@ -146,6 +225,8 @@ def test_int8_quantization_moves_some_decisions_and_the_report_says_so(merged_gr
         (["--precision", "fp16", "--calibration", "8"], 2, "--calibration applies to --precision int8"),
         (["--precision", "int8", "--int8-mode", "dynamic", "--calibration", "8"], 2, "with static quantization"),
         (["--int8-mode", "static"], 2, "--int8-mode applies to --precision int8"),
+        (["--precision", "fp16", "--int8-ffn-out", "fp32"], 2, "--int8-ffn-out applies to --precision int8"),
+        (["--precision", "int8", "--int8-ffn-out", "int4"], 2, "invalid choice: 'int4'"),
         (["--precision", "int8", "--calibration", "/no/such/folder"], 2, "calibration data not found"),
         (["--precision", "int8", "--calibration", "0"], 2, "needs N >= 1"),
         (["--precision", "int8", "--min-top1-agreement", "1.5"], 2, "expected a fraction in [0, 1]"),
@@ -194,7 +275,7 @@ def test_int8_static_end_to_end(tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
     assert reduced_nodes(proto) == []
     meta = read_metadata(proto)
-    assert meta["precision"] == "int8" and meta["int8_mode"] == "static"
+    assert meta["precision"] == "int8" and meta["int8_mode"] == "static" and meta["int8_ffn_out"] == "fp32"
     assert meta["calibration"].startswith("16 seeded synthetic inputs")
     parity = json.loads((out / "parity.json").read_text())
     agreement = parity["precision"]["agreement"]
@@ -205,3 +286,4 @@ def test_int8_static_end_to_end(tmp_path):
     assert set(bench["speedup_vs_fp32_unmerged"]) == {"merged", "merged fp32", "unmerged int8"}
     report = (out / "report.md").read_text()
     assert "## Precision: int8" in report and "seeded synthetic inputs" in report
+    assert "FFN down-projections (MatMuls after GELU) are kept in FP32" in report

@@ -139,9 +139,16 @@ def test_debug_export_decisions_match_eager(tmp_path):
     path = export_onnx(model, None, tmp_path / "debug.onnx", decisions=True)
     signature = signature_of(model)
     (feed,) = parity_feeds(signature, batch_sizes=(3,), batches_per_size=1)
-    logits, *slots = ort_session(path).run(None, feed)
+    logits, *decisions = ort_session(path).run(None, feed)
+    slots, owners = decisions[:3], decisions[3:]
     eager_logits, eager_slots = run_eager(model, signature, feed, torch.device("cpu"))
-    assert len(slots) == 3 and all((g == e.numpy()).all() for g, e in zip(slots, eager_slots))
+    assert len(owners) == 3 and all((g == e.numpy()).all() for g, e in zip(slots, eager_slots))
+    for layer_slots, layer_owners in zip(slots, owners):  # every slot's owner sits in that slot
+        n_out = layer_owners.shape[1]
+        assert layer_slots.max() == n_out - 1
+        np.testing.assert_array_equal(
+            np.take_along_axis(layer_slots, layer_owners, 1), np.arange(n_out)[None].repeat(3, 0)
+        )
     forced_logits, _ = run_eager(model, signature, feed, torch.device("cpu"), forced=slots)
     torch.testing.assert_close(forced_logits, eager_logits, atol=0, rtol=0)
     np.testing.assert_allclose(logits, eager_logits.numpy(), atol=1e-4)
