@@ -242,12 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.accuracy " + shlex.join(sys.argv[1:] if argv is None else argv)
     for model in args.models.split(","):
         if model not in EXPERIMENTS:
-            print(f"benchmarks.accuracy: error: unknown model {model!r}; choose from {', '.join(EXPERIMENTS)}")
+            print(
+                f"benchmarks.accuracy: error: unknown model {model!r}; choose from {', '.join(EXPERIMENTS)}",
+                file=sys.stderr,
+            )
             return 2
         recorded = out / f"{model}.json"
         if args.int8_only and not recorded.is_file():
-            print(f"benchmarks.accuracy: error: --int8-only needs a recorded sweep, {recorded} is missing")
+            print(
+                f"benchmarks.accuracy: error: --int8-only needs a recorded sweep, {recorded} is missing",
+                file=sys.stderr,
+            )
             return 2
+        if args.int8_only and args.limit is not None:
+            samples = json.loads(recorded.read_text())["unmerged"]["samples"]
+            if args.limit != samples:
+                print(f"benchmarks.accuracy: error: the recorded sweep used {samples} test samples; --int8-only "
+                      f"measures on the same ones: drop --limit {args.limit}", file=sys.stderr)  # fmt: skip
+                return 2
         began = time.perf_counter()
         try:
             if args.int8_only:

@@ -119,7 +119,12 @@ def run_case(
             log(f"  quantize {case.model} {name} to int8 ({mode})")
             quantized = name + INT8_SUFFIX[mode]
             graphs[quantized] = convert_precision(
-                graphs[name], scratch / f"{name}-int8-{mode}.onnx", "int8", mode, calibration, "synthetic"
+                graphs[name],
+                scratch / f"{name}-int8-{mode}.onnx",
+                "int8",
+                mode,
+                calibration,
+                "seeded synthetic inputs" if mode == "static" else None,
             )
             flops[quantized] = flops[name]
     rows = []
@@ -290,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive_int, default=20)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
-    parser.add_argument("--out", type=Path, default=None, help="folder for latency.md/.json (default results/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the .md/.json results (default results/quick or results/full)",
+    )
     parser.add_argument("--int8-modes", type=_int8_modes, default=("dynamic",),
                         help="INT8 graphs to time: dynamic, static or dynamic,static (default dynamic)")  # fmt: skip
     args = parser.parse_args(argv)

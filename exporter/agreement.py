@@ -6,14 +6,15 @@ same way (cosine), and whether the same tokens merge. The last is read from debu
 and reduced, that output every merging layer's slots (the shipped graph has no such outputs).
 
 Slot numbers are positions, and one different decision shifts the positions of every later
-token, so they are not compared directly. Following each input token through the layers gives,
-after every merging layer, the group of input tokens it has been merged with. Two figures per
-layer: `layer_agreement`, the layer's own decisions as the issue defines them, the fraction of
-tokens whose merge destination equals FP32's (among tokens that entered the layer in FP32's
-groups; a token's destination is the token that owns its slot, itself if it stays, named by
-the input tokens in it); this is what the threshold judges. And `cumulative_agreement`, the
-fraction of input tokens whose group is exactly FP32's after the layer, every earlier
-difference included (a token that stays but receives a different token counts here, not above).
+token, so they are not compared directly. Every slot has an anchor, the input token that has
+stayed (owned its slot) in every layer so far; following each input token through the layers
+gives the anchor of the token it has been merged into. Two figures per layer:
+`layer_agreement`, the layer's own decisions as the issue defines them: the fraction of tokens
+whose merge destination (the anchor of the slot they land in; their own if they stay) equals
+FP32's, among tokens that entered the layer in FP32's groups. This is what the threshold judges;
+an earlier layer's difference elsewhere in a group does not count again here. And
+`cumulative_agreement`, the fraction of input tokens whose group is exactly FP32's after the
+layer, every earlier difference included.
 """
 
 from __future__ import annotations
@@ -87,14 +88,36 @@ def token_destinations(slots_per_layer: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def destinations(slots: np.ndarray, owners: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """`[B, N0, N0]`: for input token i, which input tokens make up the token it is merged into.
+def anchors(slots: np.ndarray, owners: np.ndarray, where: np.ndarray, roots: np.ndarray):
+    """One merging layer, followed per input token: (the anchor `[B, N0]` of the token each input
+    token is merged into, the anchors `[B, n_out]` of the layer's output slots).
 
-    `where [B, N0]` is each input token's position entering the layer, `slots [B, N]` and
-    `owners [B, n_out]` the layer's decisions; a token that stays is its own destination.
+    `where [B, N0]` is each input token's position entering the layer, `roots [B, N]` the anchor
+    of each entering position, `slots [B, N]` and `owners [B, n_out]` the layer's decisions.
     """
     owner = np.take_along_axis(owners, np.take_along_axis(slots, where, axis=1), axis=1)
-    return owner[:, :, None] == where[:, None, :]
+    return np.take_along_axis(roots, owner, axis=1), np.take_along_axis(roots, owners, axis=1)
+
+
+def layer_figures(
+    fp32: tuple[list[np.ndarray], list[np.ndarray]], reduced: tuple[list[np.ndarray], list[np.ndarray]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per merging layer, for one batch: (destination agreement of the tokens that entered in
+    FP32's groups, group agreement of every input token). Each side is (slots, owners) per layer."""
+    paths = [token_destinations(slots) for slots, _ in (fp32, reduced)]
+    start = np.broadcast_to(np.arange(paths[0][0].shape[1]), paths[0][0].shape)
+    where, roots = [start, start], [start, start]
+    same_before = np.ones(start.shape, dtype=bool)
+    figures = []
+    for k in range(len(paths[0])):
+        dest = []
+        for side, (slots, owners) in enumerate((fp32, reduced)):
+            anchor, roots[side] = anchors(slots[k], owners[k], where[side], roots[side])
+            dest.append(anchor)
+        same = same_groups(paths[0][k], paths[1][k])
+        figures.append(((dest[0] == dest[1])[same_before], same.reshape(-1)))
+        same_before, where = same, [paths[0][k], paths[1][k]]
+    return figures
 
 
 def same_groups(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,18 +136,10 @@ def decision_agreement(
     cumulative: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in feeds:
         runs = [session.run(names + owner_names, feed) for session in (fp32, reduced)]
-        slots = [out[: len(names)] for out in runs]
-        owners = [out[len(names) :] for out in runs]
-        paths = [token_destinations(s) for s in slots]
-        n0 = slots[0][0].shape[1]
-        before = [np.broadcast_to(np.arange(n0), slots[0][0].shape)] * 2
-        same_before = np.ones(slots[0][0].shape, dtype=bool)
-        for k, name in enumerate(names):
-            dest = [destinations(slots[r][k], owners[r][k], before[r]) for r in (0, 1)]
-            own[name].append((dest[0] == dest[1]).all(-1)[same_before])
-            same = same_groups(paths[0][k], paths[1][k])
-            cumulative[name].append(same.reshape(-1))
-            same_before, before = same, [paths[0][k], paths[1][k]]
+        sides = [(out[: len(names)], out[len(names) :]) for out in runs]
+        for name, (layer_own, layer_cumulative) in zip(names, layer_figures(*sides)):
+            own[name].append(layer_own)
+            cumulative[name].append(layer_cumulative)
 
     def mean(values: list[np.ndarray]) -> float:
         joined = np.concatenate([v.reshape(-1) for v in values])

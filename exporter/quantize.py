@@ -58,7 +58,7 @@ def default_ffn_out(int8_mode: str) -> str:
 
 
 def ffn_out_node_names(proto: onnx.ModelProto) -> list[str]:
-    """MatMuls whose input is a GELU's output: the FFN down-projections.
+    """MatMul/Gemm nodes whose input is a GELU's output: the FFN down-projections.
 
     A GELU is a `Gelu` node (opset 20) or, decomposed (opset 18), the node the exporter tagged
     as computing `aten.gelu`.
@@ -72,7 +72,7 @@ def ffn_out_node_names(proto: onnx.ModelProto) -> list[str]:
             return True
         return any(p.key == "pkg.torch.onnx.fx_node" and "aten.gelu" in p.value for p in node.metadata_props)
 
-    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and is_gelu(producers.get(n.input[0]))]
+    return [n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS and is_gelu(producers.get(n.input[0]))]
 
 
 class FeedReader(CalibrationDataReader):
@@ -172,6 +172,7 @@ def convert_precision(
         "calibration": calibration_source or "none",
         "fp32_nodes": str(len(keep)),
         "int8_ffn_out": ffn_out,
+        "int8_ffn_fp32_nodes": str(len(ffn_fp32)),
     }
     set_metadata(proto, {METADATA_PREFIX + key: value for key, value in stamp.items()})
     return save_onnx(proto, dst)

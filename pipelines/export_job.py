@@ -279,7 +279,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         schedule = model.token_schedule
         signature = signature_of(model, seq_len)
         data = open_data(job, spec, model, seq_len, signature) if job.data else None
-        int8_mode, ffn_out = job.resolved_int8_mode(), job.resolved_ffn_out()
+        int8_mode, ffn_out, ffn_fp32_nodes = job.resolved_int8_mode(), job.resolved_ffn_out(), 0
         calibration, calibration_source = ([], None)
         if int8_mode == "static":
             from pipelines.calibration import calibration_feeds
@@ -325,6 +325,13 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             label = job.precision + (f" ({int8_mode})" if int8_mode else "")
             task = stage(f"convert to {label}, merge kept FP32")
             onnx_path = convert(fp32_graph, out / "model.onnx")
+            if ffn_out == "fp32":
+                import onnx
+
+                from exporter.onnx_export import read_metadata
+
+                stamp = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+                ffn_fp32_nodes = int(stamp["int8_ffn_fp32_nodes"])
             progress.update(task, completed=1)
             task = stage(f"parity of {job.precision} by agreement with FP32")
             merges = any(schedule.merges)
@@ -392,6 +399,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             "precision": job.precision,
             "int8_mode": int8_mode,
             "int8_ffn_out": ffn_out,
+            "int8_ffn_fp32_nodes": ffn_fp32_nodes,
             "calibration": calibration_source,
             "agreement": agreement.to_dict() if agreement is not None else None,
             "agreement_line": agreement.verdict() if agreement is not None else None,

@@ -144,8 +144,11 @@ def precision_markdown(precision: dict | None) -> list[str]:
     lines = [f"## Precision: {precision['precision']}", ""]
     if precision["int8_mode"]:
         lines.append(f"- INT8 mode: {precision['int8_mode']}; calibration: {precision['calibration'] or 'none'}")
-        if precision.get("int8_ffn_out") == "fp32":
-            lines.append("- the FFN down-projections (MatMuls after GELU) are kept in FP32 (`--int8-ffn-out`)")
+        kept = precision.get("int8_ffn_fp32_nodes", 0)
+        if precision.get("int8_ffn_out") == "fp32" and kept:
+            lines.append(f"- the {kept} FFN down-projections (MatMuls after GELU) are kept in FP32 (`--int8-ffn-out`)")
+        elif precision.get("int8_ffn_out") == "fp32":
+            lines.append("- `--int8-ffn-out fp32` found no FFN down-projection (no MatMul after a GELU): all are INT8")
     lines.append("- the merge subgraph (decisions and weighted mean) is kept in FP32")
     agreement = precision["agreement"]
     if agreement:

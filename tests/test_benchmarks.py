@@ -132,14 +132,54 @@ def test_accuracy_experiment_compares_at_equal_flops(tmp_path):
     assert "| pitome | on | 0.9 |" in text and "a note" in text and "INT8" not in text
     draw(result, tmp_path / "m.png")
     result["int8"] = [
-        {"mode": "static", "ratio": 0.9, "samples": 100, "top1_merged_int8": 0.77, "top1_merged_fp32": 0.80,
+        {"mode": "static", "ffn_out": "fp32", "ratio": 0.9, "samples": 100, "top1_merged_int8": 0.77, "top1_merged_fp32": 0.80,
          "top1_unmerged_int8": 0.81, "top1_unmerged_fp32": 0.82, "top1_agreement_with_fp32_merged": 0.9,
          "decision_agreement_per_layer": {"blocks.0": 0.97, "blocks.1": 0.9}},
     ]  # fmt: skip
     text = markdown(result, "python -m benchmarks.accuracy", 1.0)
-    assert "| static | 77.00% | 80.00% | -3.00 | 81.00% | 82.00% | 90.0% | 97.0%, 90.0% |" in text
+    assert "| static | fp32 | 77.00% | 80.00% | -3.00 | 81.00% | 82.00% | 90.0% | 97.0%, 90.0% |" in text
+    assert "re-measured" not in text
     draw(result, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_int8_only_keeps_the_recorded_sweep(tmp_path, monkeypatch, capsys):
+    """`--int8-only` replaces the INT8 points and says so; the FP32 sweep and its command stay."""
+    import json
+
+    from benchmarks import accuracy
+
+    missing = accuracy.main(["--models", "vit_fmnist", "--int8-only", "--out", str(tmp_path)])
+    assert missing == 2 and "needs a recorded sweep" in capsys.readouterr().err
+    points = [_point("pitome", False, 0.9, 0.80), _point("tome", False, 0.9, 0.78)]
+    context = {"weights": "w", "cpu": "cpu", "threads": 2, "versions": {"torch": "x"}}
+    recorded = {"command": "python -m benchmarks.accuracy --models vit_fmnist", "minutes": 37.0, "model": "vit_fmnist",
+                "unmerged": {"top1": 0.9, "samples": 100, "data": "d"}, "points": points, "context": context,
+                "note": "", "int8": []}  # fmt: skip
+    (tmp_path / "vit_fmnist.json").write_text(json.dumps(recorded))
+    measured = []
+
+    def fake_point(model, exp, mode, ffn_out, scratch, limit, console):
+        measured.append((mode, ffn_out, limit))
+        return {"mode": mode, "ffn_out": ffn_out, "ratio": 0.9, "samples": 100, "top1_merged_int8": 0.8,
+                "top1_merged_fp32": 0.8, "top1_unmerged_int8": 0.9, "top1_unmerged_fp32": 0.9,
+                "top1_agreement_with_fp32_merged": 1.0, "decision_agreement_per_layer": {"slots_0": 0.9}}  # fmt: skip
+
+    monkeypatch.setattr(accuracy, "int8_point", fake_point)
+    wrong_limit = accuracy.main(["--models", "vit_fmnist", "--int8-only", "--limit", "50", "--out", str(tmp_path)])
+    assert wrong_limit == 2 and "drop --limit 50" in capsys.readouterr().err and not measured
+    assert accuracy.main(["--models", "vit_fmnist", "--int8-only", "--out", str(tmp_path)]) == 0
+    assert measured == [(mode, ffn, None) for mode, ffn in accuracy.INT8_VARIANTS]
+    result = json.loads((tmp_path / "vit_fmnist.json").read_text())
+    assert result["points"] == points and result["minutes"] == 37.0 and len(result["int8"]) == 3
+    assert result["int8_rerun"]["command"].endswith("--int8-only --out " + str(tmp_path))
+    text = (tmp_path / "vit_fmnist.md").read_text()
+    assert text.startswith(
+        "# Accuracy vs FLOPs: vit_fmnist\n\n`python -m benchmarks.accuracy --models vit_fmnist` (37 min)"
+    )
+    assert "re-measured by `python -m benchmarks.accuracy --models vit_fmnist --int8-only" in text
+    assert "| static | fp32 | 80.00% |" in text and "| dynamic | int8 | 80.00% |" in text
+    assert (tmp_path / "vit_fmnist.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cpu_name_carries_the_simd_features_that_decide_int8_speed():

@@ -87,14 +87,24 @@ def test_ffn_down_projections_are_found_with_gelu_decomposed_or_whole(tmp_path, 
     assert ("Gelu" in {n.op_type for n in proto.graph.node}) == (opset == 20)
     found = ffn_out_node_names(proto)
     assert len(found) == len(model.blocks)
-    producers = {o: n for n in proto.graph.node for o in n.output}
     weights = {i.name: i for i in proto.graph.initializer}
     hidden = model.blocks[0].mlp.fc1.out_features
     for node in proto.graph.node:
         if node.name in found:  # the MatMul reading the FFN's hidden width: fc2
             assert onnx.numpy_helper.to_array(weights[node.input[1]]).shape[0] == hidden
     others = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.name not in found]
-    assert all(producers[n.input[0]].op_type != "Gelu" for n in others) and len(others) > len(found)
+    assert len(others) == 3 * len(found)  # qkv, attention output, fc1 per block (the head is a Gemm)
+    assert not any(onnx.numpy_helper.to_array(weights[n.input[1]]).shape[0] == hidden for n in others)
+
+
+def test_report_says_when_no_ffn_down_projection_was_found():
+    from pipelines.report import precision_markdown
+
+    precision = {"precision": "int8", "int8_mode": "static", "calibration": "c", "int8_ffn_out": "fp32",
+                 "int8_ffn_fp32_nodes": 0, "agreement": None}  # fmt: skip
+    assert any("found no FFN down-projection" in line for line in precision_markdown(precision))
+    precision["int8_ffn_fp32_nodes"] = 12
+    assert any("the 12 FFN down-projections" in line for line in precision_markdown(precision))
 
 
 def _quantized_inputs(proto: onnx.ModelProto, names: list[str]) -> list[bool]:
@@ -169,22 +179,39 @@ def test_group_agreement_ignores_slot_numbering_and_sees_moves():
 def test_destination_agreement_counts_the_token_that_moved_not_its_hosts():
     """The issue's measure: a token agrees when the token it merges into (itself if it stays) is
     FP32's. Token 1 merging into token 2 instead of token 0 moves one token; 0 and 2 stay put."""
-    from exporter.agreement import destinations, same_groups
+    from exporter.agreement import anchors, same_groups
 
     start = np.arange(5)[None]
-    fp32 = destinations(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
-    moved = destinations(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
-    assert (fp32 == moved).all(-1).tolist() == [[True, False, True, True, True]]
+    fp32, roots = anchors(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start, start)
+    moved, _ = anchors(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start, start)
+    assert fp32.tolist() == [[0, 0, 2, 3, 4]] and roots.tolist() == [[0, 2, 3, 4]]
+    assert (fp32 == moved).tolist() == [[True, False, True, True, True]]
     assert same_groups(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 1, 1, 2, 3]])).sum() == 2  # the stricter figure
-    # the same decisions under another slot numbering and owner order agree everywhere
-    renumbered = destinations(np.array([[3, 3, 2, 1, 0]]), np.array([[4, 3, 2, 0]]), start)
-    assert (fp32 == renumbered).all()
-    # a later layer names destinations by the input tokens in them: position 0 holds tokens 0 and
-    # 1; token 2 (position 1) merges into it, token 3 (position 2) stays
-    where = np.array([[0, 0, 1, 2, 3]])
-    layer1 = destinations(np.array([[1, 1, 0, 2]]), np.array([[2, 0, 3]]), where)
-    assert layer1[0, 0].tolist() == layer1[0, 2].tolist() == [True, True, False, False, False]
-    assert layer1[0, 3].tolist() == [False, False, False, True, False]
+    renumbered, _ = anchors(np.array([[3, 3, 2, 1, 0]]), np.array([[4, 3, 2, 0]]), start, start)
+    assert (fp32 == renumbered).all()  # the same decisions under other slot numbers and owner order
+    # a later layer: position 0 holds tokens 0 and 1 (anchor 0); token 2 (position 1) merges into
+    # it, token 3 (position 2) stays
+    layer1, _ = anchors(np.array([[1, 1, 0, 2]]), np.array([[2, 0, 3]]), np.array([[0, 0, 1, 2, 3]]), roots)
+    assert layer1.tolist() == [[0, 0, 0, 3, 4]]
+
+
+def test_layer_figures_judge_each_layer_by_its_own_decisions():
+    """Layer 0 differs (token 1 goes to 2, not 0); layer 1 decides alike (token 3 into the slot
+    anchored by token 0): layer 1's own figure is total, the cumulative one still shows layer 0."""
+    from exporter.agreement import layer_figures
+
+    fp32 = ([np.array([[0, 0, 1, 2, 3]]), np.array([[0, 1, 0, 2]])], [np.array([[0, 2, 3, 4]]), np.array([[0, 1, 3]])])
+    int8 = ([np.array([[0, 1, 1, 2, 3]]), np.array([[0, 1, 0, 2]])], [np.array([[0, 2, 3, 4]]), np.array([[0, 1, 3]])])
+    (own0, groups0), (own1, groups1) = layer_figures(fp32, int8)
+    assert own0.tolist() == [True, False, True, True, True]
+    assert groups0.tolist() == [False, False, False, True, True]
+    assert own1.tolist() == [True, True]  # tokens 3 and 4 entered layer 1 in FP32's groups; both agree
+    assert groups1.tolist() == [False, False, False, False, True]  # token 3 joined a group that differs
+    # a layer-1 decision that differs shows in layer 1's figure: token 3 into token 2's slot instead
+    int8[0][1] = np.array([[0, 1, 1, 2]])
+    int8[1][1] = np.array([[0, 1, 3]])
+    (_, _), (own1, _) = layer_figures(fp32, int8)
+    assert own1.tolist() == [False, True]
 
 
 def test_agreement_of_a_graph_with_itself_is_total(merged_graph):
@@ -286,4 +313,5 @@ def test_int8_static_end_to_end(tmp_path):
     assert set(bench["speedup_vs_fp32_unmerged"]) == {"merged", "merged fp32", "unmerged int8"}
     report = (out / "report.md").read_text()
     assert "## Precision: int8" in report and "seeded synthetic inputs" in report
-    assert "FFN down-projections (MatMuls after GELU) are kept in FP32" in report
+    assert f"the {meta['int8_ffn_fp32_nodes']} FFN down-projections (MatMuls after GELU) are kept in FP32" in report
+    assert meta["int8_ffn_fp32_nodes"] == parity["precision"]["int8_ffn_fp32_nodes"] > 0

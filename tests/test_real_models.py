@@ -125,8 +125,9 @@ def test_accuracy_experiment_int8_point(tmp_path):
 
     from benchmarks.accuracy import EXPERIMENTS, int8_point
 
-    point = int8_point("vit_fmnist", EXPERIMENTS["vit_fmnist"], "dynamic", tmp_path, 64, Console(quiet=True))
-    assert point["mode"] == "dynamic" and point["ratio"] == 0.9 and point["samples"] == 64
+    point = int8_point("vit_fmnist", EXPERIMENTS["vit_fmnist"], "dynamic", "int8", tmp_path, 64, Console(quiet=True))
+    assert point["mode"] == "dynamic" and point["ffn_out"] == "int8" and point["ratio"] == 0.9
+    assert point["samples"] == 64
     assert point["top1_unmerged_fp32"] > 0.75 and point["top1_merged_int8"] > 0.5
     assert len(point["decision_agreement_per_layer"]) == 12  # one figure per merging layer
     assert all(0.0 <= v <= 1.0 for v in point["decision_agreement_per_layer"].values())
