@@ -6,15 +6,14 @@ same way (cosine), and whether the same tokens merge. The last is read from debu
 and reduced, that output every merging layer's slots (the shipped graph has no such outputs).
 
 Slot numbers are positions, and one different decision shifts the positions of every later
-token, so they are not compared directly. Every slot has an anchor, the input token that has
-stayed (owned its slot) in every layer so far; following each input token through the layers
-gives the anchor of the token it has been merged into. Two figures per layer:
-`layer_agreement`, the layer's own decisions as the issue defines them: the fraction of tokens
-whose merge destination (the anchor of the slot they land in; their own if they stay) equals
-FP32's, among tokens that entered the layer in FP32's groups. This is what the threshold judges;
-an earlier layer's difference elsewhere in a group does not count again here. And
-`cumulative_agreement`, the fraction of input tokens whose group is exactly FP32's after the
-layer, every earlier difference included.
+token, so they are not compared directly. A token is named by its content, the input tokens
+merged in it (merging a into b or b into a makes the same token: the mean is symmetric), and
+each input token is followed through the layers. Two figures per layer: `layer_agreement`, the
+layer's own decisions as the issue defines them, the fraction of tokens whose merge destination
+(the token owning the slot they land in, itself if it stays) equals FP32's, among tokens that
+entered the layer in FP32's groups; a destination whose content an earlier layer changed is a
+different token. This is what the threshold judges. And `cumulative_agreement`, the fraction of
+input tokens whose group is exactly FP32's after the layer, every earlier difference included.
 """
 
 from __future__ import annotations
@@ -88,15 +87,14 @@ def token_destinations(slots_per_layer: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def anchors(slots: np.ndarray, owners: np.ndarray, where: np.ndarray, roots: np.ndarray):
-    """One merging layer, followed per input token: (the anchor `[B, N0]` of the token each input
-    token is merged into, the anchors `[B, n_out]` of the layer's output slots).
+def destinations(slots: np.ndarray, owners: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """`[B, N0, N0]`: for input token i, which input tokens make up the token it is merged into.
 
-    `where [B, N0]` is each input token's position entering the layer, `roots [B, N]` the anchor
-    of each entering position, `slots [B, N]` and `owners [B, n_out]` the layer's decisions.
+    `where [B, N0]` is each input token's position entering the layer, `slots [B, N]` and
+    `owners [B, n_out]` the layer's decisions; a token that stays is its own destination.
     """
     owner = np.take_along_axis(owners, np.take_along_axis(slots, where, axis=1), axis=1)
-    return np.take_along_axis(roots, owner, axis=1), np.take_along_axis(roots, owners, axis=1)
+    return owner[:, :, None] == where[:, None, :]
 
 
 def layer_figures(
@@ -105,17 +103,13 @@ def layer_figures(
     """Per merging layer, for one batch: (destination agreement of the tokens that entered in
     FP32's groups, group agreement of every input token). Each side is (slots, owners) per layer."""
     paths = [token_destinations(slots) for slots, _ in (fp32, reduced)]
-    start = np.broadcast_to(np.arange(paths[0][0].shape[1]), paths[0][0].shape)
-    where, roots = [start, start], [start, start]
-    same_before = np.ones(start.shape, dtype=bool)
+    where = [np.broadcast_to(np.arange(paths[0][0].shape[1]), paths[0][0].shape)] * 2
+    same_before = np.ones(where[0].shape, dtype=bool)
     figures = []
     for k in range(len(paths[0])):
-        dest = []
-        for side, (slots, owners) in enumerate((fp32, reduced)):
-            anchor, roots[side] = anchors(slots[k], owners[k], where[side], roots[side])
-            dest.append(anchor)
+        dest = [destinations(slots[k], owners[k], where[side]) for side, (slots, owners) in enumerate((fp32, reduced))]
         same = same_groups(paths[0][k], paths[1][k])
-        figures.append(((dest[0] == dest[1])[same_before], same.reshape(-1)))
+        figures.append(((dest[0] == dest[1]).all(-1)[same_before], same.reshape(-1)))
         same_before, where = same, [paths[0][k], paths[1][k]]
     return figures
 

@@ -179,39 +179,42 @@ def test_group_agreement_ignores_slot_numbering_and_sees_moves():
 def test_destination_agreement_counts_the_token_that_moved_not_its_hosts():
     """The issue's measure: a token agrees when the token it merges into (itself if it stays) is
     FP32's. Token 1 merging into token 2 instead of token 0 moves one token; 0 and 2 stay put."""
-    from exporter.agreement import anchors, same_groups
+    from exporter.agreement import destinations, same_groups
 
     start = np.arange(5)[None]
-    fp32, roots = anchors(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start, start)
-    moved, _ = anchors(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start, start)
-    assert fp32.tolist() == [[0, 0, 2, 3, 4]] and roots.tolist() == [[0, 2, 3, 4]]
-    assert (fp32 == moved).tolist() == [[True, False, True, True, True]]
+    fp32 = destinations(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
+    moved = destinations(np.array([[0, 1, 1, 2, 3]]), np.array([[0, 2, 3, 4]]), start)
+    assert (fp32 == moved).all(-1).tolist() == [[True, False, True, True, True]]
     assert same_groups(np.array([[0, 0, 1, 2, 3]]), np.array([[0, 1, 1, 2, 3]])).sum() == 2  # the stricter figure
-    renumbered, _ = anchors(np.array([[3, 3, 2, 1, 0]]), np.array([[4, 3, 2, 0]]), start, start)
+    renumbered = destinations(np.array([[3, 3, 2, 1, 0]]), np.array([[4, 3, 2, 0]]), start)
     assert (fp32 == renumbered).all()  # the same decisions under other slot numbers and owner order
-    # a later layer: position 0 holds tokens 0 and 1 (anchor 0); token 2 (position 1) merges into
-    # it, token 3 (position 2) stays
-    layer1, _ = anchors(np.array([[1, 1, 0, 2]]), np.array([[2, 0, 3]]), np.array([[0, 0, 1, 2, 3]]), roots)
-    assert layer1.tolist() == [[0, 0, 0, 3, 4]]
+    # a later layer names destinations by the input tokens in them: position 0 holds tokens 0 and
+    # 1; token 2 (position 1) merges into it, token 3 (position 2) stays
+    layer1 = destinations(np.array([[1, 1, 0, 2]]), np.array([[2, 0, 3]]), np.array([[0, 0, 1, 2, 3]]))
+    assert layer1[0, 0].tolist() == layer1[0, 2].tolist() == [True, True, False, False, False]
+    assert layer1[0, 3].tolist() == [False, False, False, True, False]
 
 
-def test_layer_figures_judge_each_layer_by_its_own_decisions():
-    """Layer 0 differs (token 1 goes to 2, not 0); layer 1 decides alike (token 3 into the slot
-    anchored by token 0): layer 1's own figure is total, the cumulative one still shows layer 0."""
+def test_layer_figures_name_destinations_by_content():
+    """Layer 0: FP32 merges token 1 into 0, INT8 merges 0 into 1 (the same token: the mean is
+    symmetric, but both tokens' own destinations differ). Layer 1, alike: token 3 joins that
+    token, which is FP32's, so it agrees; the groups agree throughout."""
     from exporter.agreement import layer_figures
 
-    fp32 = ([np.array([[0, 0, 1, 2, 3]]), np.array([[0, 1, 0, 2]])], [np.array([[0, 2, 3, 4]]), np.array([[0, 1, 3]])])
-    int8 = ([np.array([[0, 1, 1, 2, 3]]), np.array([[0, 1, 0, 2]])], [np.array([[0, 2, 3, 4]]), np.array([[0, 1, 3]])])
+    layer1 = [np.array([[0, 1, 0, 2]]), np.array([[0, 1, 3]])]
+    fp32 = ([np.array([[0, 0, 1, 2, 3]]), layer1[0]], [np.array([[0, 2, 3, 4]]), layer1[1]])
+    int8 = ([np.array([[0, 0, 1, 2, 3]]), layer1[0]], [np.array([[1, 2, 3, 4]]), layer1[1]])
+    (own0, groups0), (own1, groups1) = layer_figures(fp32, int8)
+    assert own0.tolist() == [False, False, True, True, True] and groups0.all()
+    assert own1.all() and groups1.all()
+    # token 1 going to token 2 instead: layer 1 then puts token 3 with a different token ({0} not
+    # {0, 1}): a different destination, counted; token 4 stays, and agrees
+    int8 = ([np.array([[0, 1, 1, 2, 3]]), layer1[0]], [np.array([[0, 2, 3, 4]]), layer1[1]])
     (own0, groups0), (own1, groups1) = layer_figures(fp32, int8)
     assert own0.tolist() == [True, False, True, True, True]
     assert groups0.tolist() == [False, False, False, True, True]
-    assert own1.tolist() == [True, True]  # tokens 3 and 4 entered layer 1 in FP32's groups; both agree
-    assert groups1.tolist() == [False, False, False, False, True]  # token 3 joined a group that differs
-    # a layer-1 decision that differs shows in layer 1's figure: token 3 into token 2's slot instead
-    int8[0][1] = np.array([[0, 1, 1, 2]])
-    int8[1][1] = np.array([[0, 1, 3]])
-    (_, _), (own1, _) = layer_figures(fp32, int8)
     assert own1.tolist() == [False, True]
+    assert groups1.tolist() == [False, False, False, False, True]
 
 
 def test_agreement_of_a_graph_with_itself_is_total(merged_graph):
