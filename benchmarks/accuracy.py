@@ -247,23 +247,23 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        recorded = out / f"{model}.json"
-        if args.int8_only and not recorded.is_file():
+        recorded_path = out / f"{model}.json"
+        recorded = json.loads(recorded_path.read_text()) if args.int8_only and recorded_path.is_file() else None
+        if args.int8_only and recorded is None:
             print(
-                f"benchmarks.accuracy: error: --int8-only needs a recorded sweep, {recorded} is missing",
+                f"benchmarks.accuracy: error: --int8-only needs a recorded sweep, {recorded_path} is missing",
                 file=sys.stderr,
             )
             return 2
-        if args.int8_only and args.limit is not None:
-            samples = json.loads(recorded.read_text())["unmerged"]["samples"]
-            if args.limit != samples:
-                print(f"benchmarks.accuracy: error: the recorded sweep used {samples} test samples; --int8-only "
-                      f"measures on the same ones: drop --limit {args.limit}", file=sys.stderr)  # fmt: skip
-                return 2
+        if recorded is not None and args.limit is not None and args.limit != recorded["unmerged"]["samples"]:
+            samples = recorded["unmerged"]["samples"]
+            print(f"benchmarks.accuracy: error: the recorded sweep used {samples} test samples; --int8-only "
+                  f"measures on the same ones: drop --limit {args.limit}", file=sys.stderr)  # fmt: skip
+            return 2
         began = time.perf_counter()
         try:
-            if args.int8_only:
-                result = json.loads(recorded.read_text())
+            if recorded is not None:
+                result = recorded
                 result["int8"] = int8_points(model, EXPERIMENTS[model], Path(args.scratch), args.limit, console)
             else:
                 result = run_model(model, EXPERIMENTS[model], Path(args.scratch), args.runs, args.limit, console)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result.update(command=command, minutes=minutes)
             result.pop("int8_rerun", None)
-        atomic_write_text(recorded, json.dumps(result, indent=2))
+        atomic_write_text(recorded_path, json.dumps(result, indent=2))
         draw(result, out / f"{model}.png")
         atomic_write_text(out / f"{model}.md", markdown(result, result["command"], result.get("minutes")))
         console.print(f"[bold]{model}:[/] {out / (model + '.md')}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.decisions import owner_output_name
 from exporter.parity import cosines, top1_agrees
 from exporter.runners import ort_session
 
@@ -125,7 +126,7 @@ def decision_agreement(
     """(per-layer destination agreement, cumulative group agreement), per merging layer."""
     fp32, reduced = ort_session(fp32_debug, threads=threads), ort_session(reduced_debug, threads=threads)
     names = [o.name for o in fp32.get_outputs() if o.name.startswith("slots_")]
-    owner_names = [name.replace("slots_", "owners_", 1) for name in names]
+    owner_names = [owner_output_name(name) for name in names]
     own: dict[str, list[np.ndarray]] = {name: [] for name in names}
     cumulative: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in feeds:

@@ -70,9 +70,14 @@ def decision_output_names(model: torch.nn.Module) -> list[str]:
     return [f"slots_{i}" for i, r in enumerate(model.token_schedule.merges) if r > 0]
 
 
+def owner_output_name(slots_name: str) -> str:
+    """The debug output with the slot owners of the layer whose slots are `slots_name`."""
+    return slots_name.replace("slots_", "owners_", 1)
+
+
 def owner_output_names(model: torch.nn.Module) -> list[str]:
     """`owners_<layer>` for each layer that merges, in order (after the slots in a debug export)."""
-    return [name.replace("slots_", "owners_", 1) for name in decision_output_names(model)]
+    return [owner_output_name(name) for name in decision_output_names(model)]
 
 
 def run_eager(
