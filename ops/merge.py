@@ -276,7 +276,10 @@ def size_weighted_merge(
     else:
         size_out = size_tail.scatter_add(1, into[..., None], size_merged)
     (size_dest,), (x_dest,) = _gather_rows(size_out, into), _gather_rows(x_tail, into)
-    pull = (x_merged - x_dest) * (size_merged / size_dest.clamp_min(1e-12))
+    # The smallest normal number of the dtype: 1e-12 is 0 in float16, and a padding-only slot
+    # (sizes 0) would give 0/0 and spread NaN through the one-hot MatMul.
+    share = size_merged / size_dest.clamp_min(torch.finfo(size_dest.dtype).tiny)
+    pull = (x_merged - x_dest) * share
     if lowering == "matmul":
         x_out = x_tail + joins @ pull
     else:
@@ -294,8 +297,12 @@ def merge_assignment(
     """The plan for all N tokens: prefix tokens keep the first slots, untouched.
 
     `metric [B, N, d]` covers all N tokens; `valid [B, N]` (text: 1 real, 0 padding) is required
-    by `pitome_text` and makes `tome` padding-safe.
+    by `pitome_text` and makes `tome` padding-safe. Decisions are computed in FP32 whatever the
+    model's dtype: half-precision similarities tie and round where FP32 ones do not.
     """
+    if metric.dtype != torch.float32:  # static at trace time: an FP32 export gains no Cast
+        metric = metric.float()
+        valid = None if valid is None else valid.float()
     patch_metric = metric[:, num_prefix:]
     patch_valid = None if valid is None else valid[:, num_prefix:]
     if step.kind == "tome":

@@ -149,3 +149,16 @@ def test_patch_is_in_place_and_deepcopy_safe():
     assert patch_model(model, ratio=0.9) is model
     clone = unpatch_model(copy.deepcopy(model))
     assert type(clone).__name__ == "VisionTransformer" and hasattr(model, "token_schedule")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_half_precision_merged_text_is_nan_free_with_padding(dtype, algo):
+    """A padding-only slot has size 0: its share of the slot must be 0, not 0/0, in any dtype."""
+    model = patch_model(small_text("bert"), algo=algo, ratio=0.7, seq_len=32)
+    ids, mask = text_batch(pad_from=8)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        reduced = model.to(dtype)(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(reduced).all()
+    torch.testing.assert_close(reduced.float(), reference, atol=3e-2, rtol=0)
