@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from exporter.runners import placed_on
 from exporter.signatures import ExportWrapper, ModelSignature
 from ops.merge import MergeAssign, MergePlan, plan_from_slots, plan_slots
 
@@ -83,10 +84,11 @@ def owner_output_names(model: torch.nn.Module) -> list[str]:
 def run_eager(
     model: torch.nn.Module, signature: ModelSignature, feeds: dict, device: torch.device, forced=None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Main output and slots of the PyTorch model on numpy `feeds`, optionally with forced slots."""
-    wrapper = ExportWrapper(model, signature).eval().to(device)
+    """Main output and slots of the PyTorch model on numpy `feeds` on `device`, optionally with
+    forced slots; the model is left where it was."""
+    wrapper = ExportWrapper(model, signature).eval()
     inputs = [torch.as_tensor(feeds[name]).to(device) for name in signature.input_names]
     forced_t = None if forced is None else [torch.as_tensor(f) for f in forced]
-    with torch.no_grad(), decision_hooks(wrapper, forced_t) as slots:
+    with torch.no_grad(), placed_on(wrapper, device), decision_hooks(wrapper, forced_t) as slots:
         out = wrapper(*inputs)
-    return out.float().cpu(), [s.cpu() for s in slots]
+        return out.float().cpu(), [s.cpu() for s in slots]

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -67,6 +69,29 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(features)})" if features else name
 
 
+@contextlib.contextmanager
+def placed_on(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """Run `module` on `device` inside the block, then give it back exactly where it was.
+
+    The caller's parameters and buffers are restored as the very tensors they were (no copy
+    back), so a model a stage borrowed for the GPU reference is still on the caller's device
+    when the next stage feeds it.
+    """
+    # `.to` either swaps a parameter's data in place or replaces the Parameter (when the two
+    # devices' tensors are not interchangeable): keep both the objects and their data.
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    data = [(p, p.data) for p in module.parameters()]
+    module.to(device)
+    try:
+        yield module
+    finally:
+        for owner, params, buffers in saved:
+            owner._parameters.update(params)
+            owner._buffers.update(buffers)
+        for param, original in data:
+            param.data = original
+
+
 class TorchRunner(BaseRunner):
     """PyTorch reference runner: feeds numpy arrays by input name, returns numpy outputs."""
 
@@ -75,9 +100,10 @@ class TorchRunner(BaseRunner):
         self.wrapper = ExportWrapper(model, signature).eval()
         self.signature = signature
         self.device = torch_device(device)
+        self._placement = contextlib.ExitStack()
 
     def activate_impl(self) -> None:
-        self.wrapper.to(self.device)
+        self._placement.enter_context(placed_on(self.wrapper, self.device))
 
     def get_input_metadata_impl(self):
         from polygraphy.common import TensorMetadata
@@ -99,7 +125,7 @@ class TorchRunner(BaseRunner):
         return OrderedDict([(self.signature.output_names[0], output.float().cpu().numpy())])
 
     def deactivate_impl(self) -> None:
-        self.wrapper.to("cpu")
+        self._placement.close()  # the caller's model goes back where it was
 
 
 def require_ort_provider(providers: str) -> list[str]:

@@ -8,13 +8,14 @@ PyTorch model on CUDA, then timed against an unmerged engine and PyTorch eager, 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from exporter.latency import time_interleaved
 from exporter.parity import TOLERANCES, Tolerances, check_parity
-from exporter.runners import TorchRunner
+from exporter.runners import TorchRunner, placed_on
 from exporter.signatures import ExportWrapper, ModelSignature
 from exporter.tensorrt.build import BatchProfile, EngineSpec, build_engine
 from exporter.tensorrt.runner import TensorRTRunner
@@ -58,10 +59,11 @@ def benchmark_engines(
     runners = {"tensorrt merged": TensorRTRunner(engine), "tensorrt unmerged": TensorRTRunner(baseline_engine)}
     for runner in runners.values():
         runner.activate()
+    placements = contextlib.ExitStack()  # the caller's models go back where they were
     try:
 
         def eager(module: torch.nn.Module):
-            wrapper = ExportWrapper(module, signature).eval().cuda()
+            wrapper = placements.enter_context(placed_on(ExportWrapper(module, signature).eval(), "cuda"))
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
             def call() -> float:
@@ -81,8 +83,7 @@ def benchmark_engines(
     finally:
         for runner in runners.values():
             runner.deactivate()
-        model.cpu()
-        unmerged.cpu()
+        placements.close()
     return {
         "how": f"{job.bench_runs} interleaved runs after 10 warm-up rounds, batch {batch}, GPU time by CUDA events, "
         f"{torch.cuda.get_device_name()}",

@@ -152,3 +152,43 @@ def test_debug_export_decisions_match_eager(tmp_path):
     forced_logits, _ = run_eager(model, signature, feed, torch.device("cpu"), forced=slots)
     torch.testing.assert_close(forced_logits, eager_logits, atol=0, rtol=0)
     np.testing.assert_allclose(logits, eager_logits.numpy(), atol=1e-4)
+
+
+# `meta` stands in for a CUDA device on this CPU-only machine: modules run there without data.
+def _on_cpu_as_before(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return all(now[name].device.type == "cpu" and now[name].data_ptr() == t.data_ptr() for name, t in before.items())
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.data for name, t in (*model.named_parameters(), *model.named_buffers())}
+
+
+def test_placed_on_gives_the_callers_model_back_where_it_was():
+    from exporter.runners import placed_on
+
+    model = small_text("bert")
+    before = _tensors(model)
+    with placed_on(model, "meta"):
+        assert all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+    assert _on_cpu_as_before(model, before)
+
+
+def test_run_eager_and_the_torch_runner_leave_the_model_where_it_was():
+    import contextlib
+
+    from exporter.decisions import run_eager
+    from exporter.runners import TorchRunner
+
+    model = build("bert", "pitome", "r0.9", "matmul")
+    signature = signature_of(model)
+    (feed,) = parity_feeds(signature, batch_sizes=(2,), batches_per_size=1)
+    before = _tensors(model)
+    with contextlib.suppress(NotImplementedError):  # outputs cannot be copied off `meta`
+        run_eager(model, signature, feed, torch.device("meta"))
+    assert _on_cpu_as_before(model, before)
+    runner = TorchRunner(model, signature, "meta")
+    runner.activate()
+    assert next(model.parameters()).device.type == "meta"
+    runner.deactivate()
+    assert _on_cpu_as_before(model, before)
