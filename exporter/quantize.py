@@ -176,22 +176,3 @@ def convert_precision(
     }
     set_metadata(proto, {METADATA_PREFIX + key: value for key, value in stamp.items()})
     return save_onnx(proto, dst)
-
-
-def reduced_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Merge nodes that a reduced-precision pass touched: quantized, or computing in FP16.
-
-    Empty for a correct conversion; tests and the pipeline read the graph to prove it.
-    """
-    quantized = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
-    fp16 = {onnx.TensorProto.FLOAT16}
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*proto.graph.value_info, *proto.graph.output)}
-    for init in proto.graph.initializer:
-        types[init.name] = init.data_type
-    touched = []
-    for node in proto.graph.node:
-        if merge_node_part(node.name) is None:
-            continue
-        if node.op_type in quantized or any(types.get(name) in fp16 for name in (*node.input, *node.output)):
-            touched.append(node.name)
-    return touched

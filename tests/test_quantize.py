@@ -37,7 +37,8 @@ def _feeds(n: int = 3, batch: int = 4, seed: int = 0) -> list[dict]:
 ])  # fmt: skip
 def test_conversion_keeps_every_merge_node_fp32(merged_graph, precision, mode, marker_ops):
     from exporter.onnx_export import read_metadata
-    from exporter.quantize import convert_precision, fp32_node_names, reduced_nodes
+    from exporter.merge_precision import reduced_merge_nodes
+    from exporter.quantize import convert_precision, fp32_node_names
     from exporter.runners import ort_session
 
     _, fp32, _, folder = merged_graph
@@ -49,7 +50,7 @@ def test_conversion_keeps_every_merge_node_fp32(merged_graph, precision, mode, m
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
         assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 IO
     assert len(fp32_node_names(proto)) == len(fp32_node_names(onnx.load(fp32))) > 100
-    assert reduced_nodes(proto) == []
+    assert reduced_merge_nodes(proto) == []
     meta = read_metadata(proto)
     assert meta["precision"] == precision and meta["int8_mode"] == (mode or "none")
     assert meta["schedule"]["merges"]  # the export's own metadata survives the conversion
@@ -117,7 +118,8 @@ def _quantized_inputs(proto: onnx.ModelProto, names: list[str]) -> list[bool]:
 @pytest.mark.parametrize(("ffn_out", "quantized"), [(None, False), ("fp32", False), ("int8", True)])
 def test_static_int8_keeps_ffn_down_projections_fp32_unless_asked(merged_graph, ffn_out, quantized):
     from exporter.onnx_export import read_metadata
-    from exporter.quantize import convert_precision, ffn_out_node_names, reduced_nodes
+    from exporter.merge_precision import reduced_merge_nodes
+    from exporter.quantize import convert_precision, ffn_out_node_names
 
     _, fp32, _, folder = merged_graph
     names = ffn_out_node_names(onnx.load(fp32))
@@ -126,7 +128,7 @@ def test_static_int8_keeps_ffn_down_projections_fp32_unless_asked(merged_graph, 
     assert _quantized_inputs(proto, names) == [quantized] * len(names)
     fc1 = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in names][:3]
     assert any(_quantized_inputs(proto, fc1))  # the rest of the model still is INT8
-    assert reduced_nodes(proto) == []
+    assert reduced_merge_nodes(proto) == []
     assert read_metadata(proto)["int8_ffn_out"] == ("fp32" if ffn_out is None else ffn_out)
 
 
@@ -143,15 +145,67 @@ def test_dynamic_int8_quantizes_ffn_down_projections_by_default(merged_graph):
         convert_precision(fp32, folder / "x.onnx", "int8", "dynamic", ffn_out="int4")
 
 
-def test_reduced_nodes_sees_a_conversion_that_ignores_the_merge(merged_graph):
-    """The check above can fail: converted without the block list, merge nodes show as touched."""
+def test_merge_check_sees_a_conversion_that_ignores_the_merge(merged_graph):
+    """The check above can fail: converted without the block list, merge nodes show as touched,
+    also once `value_info` is gone (graphs too large for shape inference have none)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from exporter.quantize import reduced_nodes
+    from exporter.merge_precision import reduced_merge_nodes
 
     _, fp32, _, _ = merged_graph
     careless = convert_float_to_float16(onnx.load(fp32), keep_io_types=True)
-    assert len(reduced_nodes(careless)) > 50
+    with_types = reduced_merge_nodes(careless)
+    del careless.graph.value_info[:]
+    assert reduced_merge_nodes(careless) == with_types and len(with_types) > 50
+
+
+def _feed_merge_through(proto: onnx.ModelProto, *nodes: onnx.NodeProto) -> str:
+    """Put `nodes` (a chain, first reads the tensor) between the first merge decision node and
+    its input from outside the merge, keeping names and types; returns the merge node's name."""
+    from exporter.onnx_export import merge_node_part
+
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    node = next(
+        n for n in proto.graph.node
+        if merge_node_part(n.name) == "assign" and n.input and n.input[0] in producers
+        and merge_node_part(producers[n.input[0]].name) is None
+    )  # fmt: skip
+    nodes[0].input[0] = node.input[0]
+    node.input[0] = nodes[-1].output[0]
+    position = list(proto.graph.node).index(node)
+    for offset, extra in enumerate(nodes):
+        proto.graph.node.insert(position + offset, extra)
+    return node.name
+
+
+@pytest.mark.parametrize("rounding", ["qdq", "fp16-cast"])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_merge_check_reads_what_feeds_each_merge_node(merged_graph, rounding, mode):
+    """A merge node whose name and op are intact but whose input passes through a Q/DQ pair or
+    a cast to float16 reads rounded values: the check names it (by graph structure, not names)."""
+    from onnx import TensorProto, helper
+
+    from exporter.merge_precision import reduced_merge_nodes
+    from exporter.quantize import convert_precision
+
+    _, fp32, _, folder = merged_graph
+    proto = onnx.load(convert_precision(fp32, folder / f"feed-{mode}.onnx", "int8", mode, _feeds(), "test"))
+    if rounding == "qdq":
+        proto.graph.initializer.extend(
+            [helper.make_tensor("inj_scale", TensorProto.FLOAT, [], [0.05]),
+             helper.make_tensor("inj_zero", TensorProto.INT8, [], [0])]
+        )  # fmt: skip
+        chain = (
+            helper.make_node("QuantizeLinear", ["t", "inj_scale", "inj_zero"], ["inj_q"], name="inj/Q"),
+            helper.make_node("DequantizeLinear", ["inj_q", "inj_scale", "inj_zero"], ["inj_dq"], name="inj/DQ"),
+            helper.make_node("Identity", ["inj_dq"], ["inj_out"], name="inj/Identity"),
+        )
+    else:
+        chain = (helper.make_node("Cast", ["t"], ["inj_half"], name="inj/Cast", to=TensorProto.FLOAT16),)
+    del proto.graph.value_info[:]
+    victim = _feed_merge_through(proto, *chain)
+    findings = reduced_merge_nodes(proto)
+    assert [f for f in findings if f.startswith(victim + ":")], findings
 
 
 def test_static_int8_needs_calibration(merged_graph):
@@ -303,7 +357,7 @@ def test_int8_static_end_to_end(tmp_path):
 
     proto = onnx.load(out / "model.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
-    assert reduced_nodes(proto) == []
+    assert reduced_merge_nodes(proto) == []
     meta = read_metadata(proto)
     assert meta["precision"] == "int8" and meta["int8_mode"] == "static" and meta["int8_ffn_out"] == "fp32"
     assert meta["calibration"].startswith("16 seeded synthetic inputs")
