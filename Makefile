@@ -19,7 +19,7 @@ $(VENV)/.real-assets: requirements-real.txt $(BIN)/pitome-export
 	$(BIN)/pip install -q --no-deps -r requirements-real.txt
 	@touch $@
 
-# Fashion-MNIST for vit_fmnist (Debian package; everyone is root on these machines).
+# Fashion-MNIST for vit_fmnist (Debian package; apt-get needs root, and a failure only warns).
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 fashion-mnist: $(FMNIST)
 $(FMNIST):
@@ -43,7 +43,8 @@ lint: install
 	$(BIN)/ruff check ops exporter pipelines tests benchmarks
 	$(BIN)/ruff format --check ops exporter pipelines tests benchmarks
 
-# The main job on a default that works offline: random-init DeiT-S, PiToMe at 0.9, to ONNX.
+# The main job on a model that works offline: vit_fmnist (weights shipped in pipelines/assets), PiToMe at 0.9,
+# to ONNX, scored on the Fashion-MNIST test split.
 demo: install
 	$(BIN)/pitome-export vit_fmnist --ratio 0.9 --target onnx --data fashion-mnist --force
 
