@@ -86,7 +86,7 @@ def int8_point(model: str, exp: Experiment, mode: str, ffn_out: str, scratch: Pa
     job = ExportJob(
         model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode, int8_ffn_out=ffn_out,
         calibration=str(CALIBRATION_SAMPLES) if mode == "static" else None, data=exp.data, limit=limit,
-        out=str(out), force=True, bench=False, min_agreement=(0.0, 0.0),
+        out=str(out), force=True, bench=False, max_accuracy_drop=100.0, min_cosine=(0.0, 0.0),
     )  # fmt: skip
     run_job(job, console)
     accuracy = json.loads((out / "accuracy.json").read_text())

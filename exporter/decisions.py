@@ -10,7 +10,9 @@ decisions, the numbers must agree to the usual tolerance.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -79,6 +81,23 @@ def owner_output_name(slots_name: str) -> str:
 def owner_output_names(model: torch.nn.Module) -> list[str]:
     """`owners_<layer>` for each layer that merges, in order (after the slots in a debug export)."""
     return [owner_output_name(name) for name in decision_output_names(model)]
+
+
+def export_decisions_like(
+    model: torch.nn.Module, shipped: str | os.PathLike, path: str | os.PathLike, seq_len: int | None = None
+) -> Path:
+    """The debug graph of `model` (its decisions as extra outputs) at `path`, exported with the
+    opset and batch mode of the `shipped` graph: decisions read from a graph exported otherwise
+    are not the shipped graph's."""
+    from exporter.onnx_export import export_onnx, export_settings
+    from exporter.signatures import signature_of
+
+    settings = export_settings(shipped)
+    example = signature_of(model, seq_len).example_inputs(settings["batch"]) if settings["batch"] else None
+    return export_onnx(
+        model, example, path, opset=settings["opset"], dynamic_batch=settings["dynamic_batch"], seq_len=seq_len,
+        decisions=True,
+    )  # fmt: skip
 
 
 def run_eager(

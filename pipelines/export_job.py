@@ -6,6 +6,7 @@ end, so an error or Ctrl-C never leaves a half-written artifact folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -61,7 +62,11 @@ class ExportJob:
     int8_mode: str | None = None  # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
     calibration: str | None = None  # DIR, FILE, data set name, or a sample count
     int8_ffn_out: str | None = None  # FFN down-projection in INT8 graphs: fp32, int8; None: by mode
-    min_agreement: tuple[float, float] = (0.99, 0.99)  # reduced precision: (top-1, per-layer decisions)
+    # Acceptance of a reduced-precision graph against FP32 merged (exporter.agreement.AcceptanceRule)
+    max_accuracy_drop: float = 0.5  # points of top-1, with labelled data
+    min_cosine: tuple[float, float] = (0.99, 0.98)  # logit cosine (mean, worst sample), without labels
+    min_top1_agreement: float | None = None  # gated only when given
+    min_decision_agreement: float | None = None  # per merging layer; gated only when given
     trt_batches: tuple[int, int, int] = (1, 8, 64)  # TensorRT optimisation profile: min, opt, max batch
     workspace_mib: int = 4096
     timing_cache: str | None = None
@@ -90,6 +95,19 @@ class ExportJob:
         if self.int8_mode is not None:
             return self.int8_mode
         return "static" if self.calibration is not None or self.target == "trt" else DEFAULT_INT8_MODE
+
+    def acceptance_rule(self):
+        """The `exporter.agreement.AcceptanceRule` of this job's flags."""
+        from exporter.agreement import AcceptanceRule
+
+        return AcceptanceRule(
+            self.max_accuracy_drop, *self.min_cosine, self.min_top1_agreement, self.min_decision_agreement
+        )
+
+    @property
+    def reduced_graph(self) -> bool:
+        """Whether the job ships a converted graph (TensorRT makes FP16/BF16 engines from FP32's)."""
+        return self.precision != "fp32" and not (self.target == "trt" and self.precision in ("fp16", "bf16"))
 
     def resolved_ffn_out(self) -> str | None:
         """Precision of the FFN down-projections in an INT8 graph (None unless int8)."""
@@ -125,6 +143,12 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError(f"unknown --int8-ffn-out {job.int8_ffn_out!r}; choose one of {', '.join(FFN_OUT_PRECISIONS)}")
     if job.int8_ffn_out is not None and job.precision != "int8":
         raise PitomeError("--int8-ffn-out applies to --precision int8")
+    acceptance = ("max_accuracy_drop", "min_cosine", "min_top1_agreement", "min_decision_agreement")
+    defaults = {f.name: f.default for f in dataclasses.fields(ExportJob)}
+    changed = [name for name in acceptance if getattr(job, name) != defaults[name]]
+    if changed and not job.reduced_graph:
+        flag = "--" + changed[0].replace("_", "-").replace("min-cosine", "min-cosine/--min-mean-cosine")
+        raise PitomeError(f"{flag} judges a converted graph: use it with --precision int8 (or fp16 with --target onnx)")
     if job.calibration is not None and job.calibration.isdigit() and int(job.calibration) < 1:
         raise PitomeError("--calibration N needs N >= 1 samples")
     if job.calibration is not None and job.resolved_int8_mode() != "static":
@@ -202,12 +226,27 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
     return final, result
 
 
+def with_acceptance_data(job: ExportJob, spec: ModelSpec, console) -> ExportJob:
+    """A reduced graph is accepted by accuracy where there are labels: without `--data`, the
+    data the model was trained for (shipped models name it) when it is installed."""
+    from pipelines.data import named_data_installed
+
+    if not job.reduced_graph or job.data is not None or job.random_init or spec.data is None:
+        return job
+    if not named_data_installed(spec.data):
+        console.print(f"[yellow]{spec.data} is not installed: {job.precision} is accepted on output similarity[/]")
+        return job
+    console.print(f"accuracy data: {spec.data} (what {spec.name} was trained for; --data to choose other)")
+    return dataclasses.replace(job, data=spec.data)
+
+
 def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
     check_target(job.target)
     spec = resolve(job.model)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")
+    job = with_acceptance_data(job, spec, console)
     final, summary = build_output_folder(job, lambda tmp: _run_stages(job, spec, tmp, console))
     from pipelines.report import print_summary
 
@@ -289,9 +328,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         console.print(report.schedule_line(schedule))
 
         task = stage("export ONNX")
-        dynamic = not job.static_batch
-        # TensorRT makes FP16/BF16 engines from the FP32 graph; only INT8 needs a converted (QDQ) graph.
-        reduced = job.precision != "fp32" and not (job.target == "trt" and job.precision in ("fp16", "bf16"))
+        dynamic, reduced = not job.static_batch, job.reduced_graph
         fp32_path = Path(scratch) / "model_fp32.onnx" if reduced else out / "model.onnx"
         fp32_graph = export_onnx(
             model, None, fp32_path, opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len, fused=job.fused
@@ -314,7 +351,8 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
 
         onnx_path, agreement = fp32_graph, None
         if reduced:
-            from exporter.agreement import AgreementThresholds, check_reduced_precision
+            from exporter.agreement import check_reduced_precision
+            from exporter.decisions import export_decisions_like
             from exporter.quantize import convert_precision
 
             def convert(src: Path, dst: Path) -> Path:
@@ -335,14 +373,10 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             progress.update(task, completed=1)
             task = stage(f"parity of {job.precision} by agreement with FP32")
             merges = any(schedule.merges)
-            debug = (
-                (lambda path: export_onnx(model, None, path, seq_len=seq_len, decisions=True, dynamic_batch=dynamic))
-                if merges
-                else None
-            )
+            debug = (lambda path: export_decisions_like(model, fp32_graph, path, seq_len)) if merges else None
             agreement = check_reduced_precision(
                 job.precision, fp32_graph, onnx_path, feeds, debug, convert if merges else None,
-                AgreementThresholds(*job.min_agreement), threads=job.threads,
+                job.acceptance_rule(), threads=job.threads, providers=job.ort_provider,
             )  # fmt: skip
             progress.update(task, completed=1)
 
@@ -384,6 +418,8 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
             accuracy = measure_accuracy(
                 onnx_path, baseline, data, 32, job.threads, progress=lambda: progress.advance(task), extra=extra_graphs
             )
+            if agreement is not None:  # labels: the reduced graph is accepted by accuracy
+                agreement.attach_accuracy(accuracy)
 
     print_report(parity, console)
     if agreement is not None:

@@ -108,7 +108,7 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
         mode = f" ({precision['int8_mode']})" if precision["int8_mode"] else ""
         table.add_row(
             precision["precision"] + mode,
-            ("[green]PASSED[/]" if ok else "[red]FAILED[/]") + " " + precision["agreement_line"].split("| ", 2)[-1],
+            ("[green]PASSED[/]" if ok else "[red]FAILED[/]") + " " + precision["agreement_line"].split(" | ")[1],
         )
     engine = summary.get("engine")
     if engine:
@@ -152,12 +152,14 @@ def precision_markdown(precision: dict | None) -> list[str]:
     lines.append("- the merge subgraph (decisions and weighted mean) is kept in FP32")
     agreement = precision["agreement"]
     if agreement:
-        lines += ["", precision["agreement_line"], ""]
+        lines += ["", precision["agreement_line"], "", *acceptance_markdown(agreement)]
         if agreement["layer_agreement"]:
             lines += [
-                "Decision agreement with FP32, per merging layer: the layer's own decisions (tokens whose merge "
-                "destination, the token owning their slot, is FP32's, among tokens that entered in FP32's groups) "
-                "and cumulative (tokens in exactly FP32's groups).",
+                agreement["decisions_meaning"],
+                "",
+                "Per merging layer: the layer's own decisions (tokens whose merge destination, the token owning "
+                "their slot, is FP32's, among tokens that entered in FP32's groups) and cumulative (tokens in "
+                "exactly FP32's groups).",
                 "",
                 "| merging layer | own decisions (destinations) | cumulative (groups) |",
                 "|---|---:|---:|",
@@ -168,6 +170,36 @@ def precision_markdown(precision: dict | None) -> list[str]:
             ]
             lines.append("")
     return lines
+
+
+def acceptance_markdown(agreement: dict) -> list[str]:
+    """Which rule accepted (or refused) the reduced graph, on what, and what else was checked."""
+    rule = agreement["rule"]
+    if agreement["decided_by"] == "accuracy":
+        acc = agreement["accuracy"]
+        how = (f"top-1 accuracy within {rule['max_accuracy_drop']:g} points of the FP32 merged graph on the same "
+               f"{acc['samples']} labelled samples ({acc['data']})")  # fmt: skip
+    else:
+        how = (f"no labelled data, so output similarity on {agreement['samples']} parity samples: logit cosine "
+               f"mean >= {rule['min_mean_cosine']:g} and every sample >= {rule['min_cosine']:g}")  # fmt: skip
+    lines = [f"- accepted by: {how}"]
+    gated = [name for name, key in (("top-1 agreement", "min_top1"), ("decision agreement", "min_decisions"))
+             if rule[key] is not None]  # fmt: skip
+    lines.append(
+        f"- also gated: {', '.join(gated)}" if gated else "- top-1 and decision agreement: reported, not gated"
+    )
+    if agreement["merge_findings"]:
+        lines.append(f"- merge nodes the conversion reduced ({len(agreement['merge_findings'])}): "
+                     + "; ".join(agreement["merge_findings"][:5]))  # fmt: skip
+    else:
+        lines.append("- merge subgraph read from the graph: every merge node computes and reads FP32")
+    debug = agreement.get("debug_graph")
+    if debug:
+        state = "reproduces" if debug["reproduces"] else "does NOT reproduce"
+        batch = "dynamic" if debug["dynamic_batch"] else "static"
+        lines.append(f"- decision debug graph (opset {debug['opset']}, {batch} batch) {state} the shipped graph's "
+                     f"logits (max abs {debug['max_abs']:.3g})")  # fmt: skip
+    return [*lines, ""]
 
 
 def print_accuracy(accuracy: dict, console) -> None:

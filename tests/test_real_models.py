@@ -119,6 +119,23 @@ def test_vit_fmnist_accuracy_matches_its_card(tmp_path):
 
 
 @needs_fashion_mnist
+def test_vit_fmnist_int8_is_accepted_by_accuracy_on_the_data_it_names(tmp_path):
+    """No --data: a shipped model's INT8 graph is judged on its own test split (seeded subset),
+    against the FP32 merged graph on the same images, and the report says which rule decided."""
+    out = tmp_path / "fm-int8"
+    result = cli("vit_fmnist", "--ratio", "0.9", "--precision", "int8", "--limit", "300", "--no-bench", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "accuracy data: fashion-mnist" in result.stdout
+    agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
+    assert agreement["decided_by"] == "accuracy" and agreement["passed"]
+    assert agreement["accuracy"]["samples"] == 300 and "Fashion-MNIST" in agreement["accuracy"]["data"]
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert agreement["accuracy"]["top1_reduced"] == accuracy["top1_merged"]
+    assert agreement["accuracy"]["top1_fp32"] == accuracy["top1"]["merged fp32"]
+    assert "- accepted by: top-1 accuracy within 0.5 points of the FP32 merged graph" in (out / "report.md").read_text()
+
+
+@needs_fashion_mnist
 def test_accuracy_experiment_int8_point(tmp_path):
     """The INT8 point of `make accuracy`: the job's graphs and agreement figures, read back."""
     from rich.console import Console
