@@ -7,7 +7,7 @@ way the parser would and reports findings with node names before anyone tries to
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import onnx
 from onnx import numpy_helper
@@ -166,7 +166,3 @@ def _data_dependent_shapes(model: onnx.ModelProto) -> list[Finding]:
 
 def is_trt_compatible(findings: list[Finding]) -> bool:
     return not any(f.severity == "error" for f in findings)
-
-
-def findings_to_json(findings: list[Finding]) -> list[dict]:
-    return [asdict(f) for f in findings]

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -116,6 +117,20 @@ def _trace(
     return program.model_proto
 
 
+@contextlib.contextmanager
+def _lowered(model: torch.nn.Module, lowering: str | None) -> Iterator[None]:
+    """`model` re-patched with merge `lowering` inside the block (same schedule), as it was after."""
+    current = getattr(model, "merge_config", {}).get("lowering", lowering)
+    if lowering is None or current == lowering:
+        yield
+        return
+    repatch(model, lowering=lowering)
+    try:
+        yield
+    finally:
+        repatch(model, lowering=current)
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: dict[str, torch.Tensor] | None,
@@ -129,8 +144,8 @@ def export_onnx(
 ) -> Path:
     """Export `model` (patched or not) to ONNX at `path` and return the path.
 
-    `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` re-patches the
-    model with that merge lowering first (same schedule). Names follow Optimum: `pixel_values`
+    `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` exports the model
+    patched with that merge lowering (same schedule) and leaves it patched as it was. Names follow Optimum: `pixel_values`
     -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
     each merging layer's token slots and slot owners as outputs `slots_<layer>`, `owners_<layer>`
     (a debug graph, never shipped).
@@ -139,33 +154,32 @@ def export_onnx(
     """
     if fused and decisions:
         raise ValueError("a decision (debug) export needs the decomposed merge")
-    if lowering is not None and getattr(model, "merge_config", {}).get("lowering", lowering) != lowering:
-        repatch(model, lowering=lowering)
-    sig = signature_of(model, seq_len)
-    feeds = example_inputs if example_inputs is not None else sig.example_inputs(2)
-    inputs = tuple(feeds[name] for name in sig.input_names)
-    was_training = model.training
-    model.eval()
-    wrapper, names = ExportWrapper(model, sig), list(sig.output_names)
-    if decisions:
-        from exporter.decisions import DecisionWrapper, decision_output_names, owner_output_names
+    with _lowered(model, lowering):
+        sig = signature_of(model, seq_len)
+        feeds = example_inputs if example_inputs is not None else sig.example_inputs(2)
+        inputs = tuple(feeds[name] for name in sig.input_names)
+        was_training = model.training
+        model.eval()
+        wrapper, names = ExportWrapper(model, sig), list(sig.output_names)
+        if decisions:
+            from exporter.decisions import DecisionWrapper, decision_output_names, owner_output_names
 
-        wrapper = DecisionWrapper(model, sig)
-        names = names + decision_output_names(model) + owner_output_names(model)
-    translations, fusing = op_lowering.translation_table(), contextlib.nullcontext()
-    if fused:
-        from exporter.merge_node import fused_merges, translation_table
+            wrapper = DecisionWrapper(model, sig)
+            names = names + decision_output_names(model) + owner_output_names(model)
+        translations, fusing = op_lowering.translation_table(), contextlib.nullcontext()
+        if fused:
+            from exporter.merge_node import fused_merges, translation_table
 
-        translations, fusing = translations | translation_table(), fused_merges(model)
-    try:
-        with torch.no_grad(), fusing:
-            proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch, translations)
-    finally:
-        model.train(was_training)
-    scope_merge_nodes(proto)
-    set_metadata(proto, export_metadata(model, opset, dynamic_batch, "plugin" if fused else "decomposed"))
-    proto.producer_name = "pitome-export"
-    return save_onnx(proto, path)
+            translations, fusing = translations | translation_table(), fused_merges(model)
+        try:
+            with torch.no_grad(), fusing:
+                proto = _trace(wrapper, inputs, sig, names, opset, dynamic_batch, translations)
+        finally:
+            model.train(was_training)
+        scope_merge_nodes(proto)
+        set_metadata(proto, export_metadata(model, opset, dynamic_batch, "plugin" if fused else "decomposed"))
+        proto.producer_name = "pitome-export"
+        return save_onnx(proto, path)
 
 
 MERGE_PARTS = ("assign", "combine")

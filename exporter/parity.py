@@ -7,7 +7,6 @@ top-1 agreement. The verdict and every figure go to `parity.json` and a printed 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -247,12 +246,6 @@ def verify_export(
         )
         report.decisions["debug_graph"] = export_settings(debug)
     return report
-
-
-def write_report(report: ParityReport, path) -> None:
-    from exporter.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(report.to_dict(), indent=2))
 
 
 def print_report(report: ParityReport, console=None) -> None:

@@ -11,7 +11,7 @@ BATCH = 16
 
 def calibration_feeds(job, spec, model, signature, seq_len: int | None) -> tuple[list[dict], str]:
     """(feed batches, where they came from); raises DataError for missing or empty data."""
-    from pipelines.export_job import open_data
+    from pipelines.stages import open_data
 
     source = job.calibration
     count = int(source) if source is not None and source.isdigit() else None

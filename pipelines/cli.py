@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import interrupts
 
     console = Console()
-    interrupts.install()
     try:
-        return _dispatch(args, console)
+        with interrupts.watching():
+            return _dispatch(args, console)
     except KeyboardInterrupt:
         # Cleanup has run (temporary folders are removed as the interrupt unwinds). Leave at once,
         # ignoring further interrupts: a second one during interpreter shutdown (library threads

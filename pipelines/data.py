@@ -6,6 +6,7 @@ malformed data set costs the user one line and exit 2, not a minute of exporting
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -250,7 +251,10 @@ def open_text_data(
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        from pipelines.models import offline_if_hub_unreachable
+
+        with contextlib.nullcontext() if Path(tokenizer_source).is_dir() else offline_if_hub_unreachable():
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError):
         raise DataError(
             f"text data needs the model's tokenizer and none loads from {tokenizer_source}; "

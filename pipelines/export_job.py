@@ -7,20 +7,18 @@ end, so an error or Ctrl-C never leaves a half-written artifact folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from exporter.atomic import atomic_write_text, make_temp_dir
+from exporter.atomic import make_temp_dir
 from exporter.errors import ParityError
 from ops.errors import PitomeError
 from pipelines import interrupts
-from pipelines.models import ModelSpec, load_model, resolve
+from pipelines.models import ModelSpec, resolve
 
 TARGETS = ("onnx", "trt")
 DEFAULT_INT8_MODE = "dynamic"  # the faster on ONNX Runtime CPU, measured (README, Quantization)
@@ -242,219 +240,28 @@ def with_acceptance_data(job: ExportJob, spec: ModelSpec, console) -> ExportJob:
 
 def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
+    from pipelines.report import print_summary
+    from pipelines.stages import run_stages
+
     check_target(job.target)
     spec = resolve(job.model)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")
     job = with_acceptance_data(job, spec, console)
-    final, summary = build_output_folder(job, lambda tmp: _run_stages(job, spec, tmp, console))
-    from pipelines.report import print_summary
-
+    final, summary = build_output_folder(job, lambda tmp: run_stages(job, spec, tmp, console))
     print_summary(summary, spec, final, console)
-    if not summary["parity"]["passed"]:
-        raise ParityError(f"parity FAILED: {summary['parity_line']} (artifacts kept in {final} for inspection)")
-    engine = summary.get("engine")
-    if engine is not None and not engine["passed"]:
-        raise ParityError(f"engine parity FAILED: {engine['parity_line']} (artifacts kept in {final} for inspection)")
-    agreement = summary["precision"]["agreement"]
-    if agreement is not None and not agreement["passed"]:
-        line = summary["precision"]["agreement_line"]
-        raise ParityError(f"{job.precision} parity FAILED: {line} (artifacts kept in {final} for inspection)")
+    raise_on_failure(summary, job.precision, final)
     return final
 
 
-def open_data(
-    job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature, source: str | None = None, limit=None
-):
-    """The data for the accuracy stage (`job.data`), or `source` (calibration), checked before any export work."""
-    from pipelines.data import open_text_data, open_vision_data
-    from pipelines.models import tokenizer_source
-
-    labelled = source is None
-    source, limit = (job.data, job.limit) if labelled else (source, limit)
-    if spec.kind == "vision":
-        from timm.data import resolve_data_config
-
-        return open_vision_data(source, resolve_data_config({}, model=model), limit, job.seed)
-    tokenizer = tokenizer_source(model, spec, job.checkpoint)
-    return open_text_data(source, tokenizer, seq_len, signature.input_names, limit, job.seed, labelled=labelled)
-
-
-def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
-    import copy
-
-    import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from exporter.onnx_export import export_onnx
-    from exporter.parity import TOLERANCES, parity_feeds, print_report, verify_export
-    from exporter.runners import device_name, torch_device
-    from exporter.signatures import signature_of
-    from ops import patch_model, unpatch_model
-    from pipelines import report
-    from pipelines.accuracy import measure_accuracy
-    from pipelines.benchmark import benchmark_artifact
-
-    torch.set_num_threads(job.threads)
-    torch.manual_seed(job.seed)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
-    with progress, tempfile.TemporaryDirectory(prefix="pitome-scratch-") as scratch:
-
-        def stage(text: str):
-            interrupts.check()
-            return progress.add_task(text, total=1)
-
-        task = stage(f"load {spec.name}")
-        model, origin = load_model(spec, job.checkpoint, job.random_init)
-        progress.update(task, completed=1)
-
-        task = stage(f"patch: {job.algo}")
-        seq_len = job.seq_len or spec.seq_len
-        text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
-        patch_model(
-            model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
-            lowering=job.patch_lowering, **text_kwargs,
-        )  # fmt: skip
-        schedule = model.token_schedule
-        signature = signature_of(model, seq_len)
-        data = open_data(job, spec, model, seq_len, signature) if job.data else None
-        int8_mode, ffn_out, ffn_fp32_nodes = job.resolved_int8_mode(), job.resolved_ffn_out(), 0
-        calibration, calibration_source = ([], None)
-        if int8_mode == "static":
-            from pipelines.calibration import calibration_feeds
-
-            calibration, calibration_source = calibration_feeds(job, spec, model, signature, seq_len)
-        progress.update(task, completed=1)
-        console.print(report.schedule_line(schedule))
-
-        task = stage("export ONNX")
-        dynamic, reduced = not job.static_batch, job.reduced_graph
-        fp32_path = Path(scratch) / "model_fp32.onnx" if reduced else out / "model.onnx"
-        fp32_graph = export_onnx(
-            model, None, fp32_path, opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len, fused=job.fused
-        )
-        progress.update(task, completed=1)
-
-        task = stage("parity vs PyTorch")
-        device = torch_device(job.device)
-        batches = (2,) if job.static_batch else job.parity_batches
-        feeds = parity_feeds(signature, batches, seed=job.seed)
-        if data is not None:  # real inputs too: up to two full batches at a size the graph takes
-            size = 2 if job.static_batch else 4
-            real = data.batches(size)
-            feeds += [next(real)[0] for _ in range(min(2, len(data) // size))]
-        parity = verify_export(
-            model, signature, fp32_graph, feeds, TOLERANCES["fp32"], device, job.threads, scratch, job.ort_provider
-        )
-        parity.schedule = schedule.to_dict()
-        progress.update(task, completed=1)
-
-        onnx_path, agreement = fp32_graph, None
-        if reduced:
-            from exporter.agreement import check_reduced_precision
-            from exporter.decisions import export_decisions_like
-            from exporter.quantize import convert_precision
-
-            def convert(src: Path, dst: Path) -> Path:
-                return convert_precision(
-                    src, dst, job.precision, int8_mode or "dynamic", calibration, calibration_source, ffn_out
-                )
-
-            label = job.precision + (f" ({int8_mode})" if int8_mode else "")
-            task = stage(f"convert to {label}, merge kept FP32")
-            onnx_path = convert(fp32_graph, out / "model.onnx")
-            if ffn_out == "fp32":
-                import onnx
-
-                from exporter.onnx_export import read_metadata
-
-                stamp = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
-                ffn_fp32_nodes = int(stamp["int8_ffn_fp32_nodes"])
-            progress.update(task, completed=1)
-            task = stage(f"parity of {job.precision} by agreement with FP32")
-            merges = any(schedule.merges)
-            debug = (lambda path: export_decisions_like(model, fp32_graph, path, seq_len)) if merges else None
-            agreement = check_reduced_precision(
-                job.precision, fp32_graph, onnx_path, feeds, debug, convert if merges else None,
-                job.acceptance_rule(), threads=job.threads, providers=job.ort_provider,
-            )  # fmt: skip
-            progress.update(task, completed=1)
-
-        engine = None
-        if job.target == "trt":
-            from pipelines.tensorrt_stage import ENGINE_NAME, benchmark_engines, build_and_check
-
-            task = stage(f"build TensorRT engine ({job.precision}) and check it on CUDA")
-            sidecar, engine_parity = build_and_check(job, model, signature, onnx_path, feeds, out)
-            engine = {"sidecar": sidecar, "parity": engine_parity.to_dict(), "parity_line": engine_parity.verdict(),
-                      "passed": engine_parity.passed}  # fmt: skip
-            progress.update(task, completed=1)
-
-        bench = accuracy = None
-        ort_bench = job.bench and job.target == "onnx" and not job.fused
-        if job.bench and job.fused and job.target == "onnx":
-            console.print("[yellow]no latency stage: ONNX Runtime runs the plugin node through a Python reference[/]")
-        extra_graphs: dict[str, Path] = {}
-        if job.bench or data is not None:
-            task = stage("export the unmerged baseline")
-            unmerged = unpatch_model(copy.deepcopy(model))
-            baseline = export_onnx(
-                unmerged, None, Path(scratch) / "unmerged.onnx", opset=job.opset, dynamic_batch=dynamic, seq_len=seq_len
-            )
-            if reduced:
-                extra_graphs["merged fp32"] = fp32_graph
-                extra_graphs[f"unmerged {job.precision}"] = convert(baseline, Path(scratch) / "unmerged_reduced.onnx")
-            progress.update(task, completed=1)
-        if ort_bench:
-            task = stage(f"benchmark batch {job.bench_batch} x {job.bench_runs} runs")
-            bench = benchmark_artifact(model, unmerged, signature, onnx_path, baseline, job, extra_graphs)
-            progress.update(task, completed=1)
-        if engine is not None and job.bench:
-            task = stage(f"benchmark engines, batch {job.bench_batch} x {job.bench_runs} runs")
-            engine["bench"] = benchmark_engines(job, model, unmerged, signature, out / ENGINE_NAME, baseline, scratch)
-            progress.update(task, completed=1)
-        if data is not None:
-            task = progress.add_task(f"accuracy on {len(data)} samples", total=-(-len(data) // 32))
-            accuracy = measure_accuracy(
-                onnx_path, baseline, data, 32, job.threads, progress=lambda: progress.advance(task), extra=extra_graphs
-            )
-            if agreement is not None:  # labels: the reduced graph is accepted by accuracy
-                agreement.attach_accuracy(accuracy)
-
-    print_report(parity, console)
-    if agreement is not None:
-        console.print(f"{job.precision} parity: {agreement.verdict()}")
-    context = report.run_context(job, spec, origin, device_name(device), str(device))
-    summary = {
-        "context": context,
-        "schedule": schedule.to_dict(),
-        "merge_config": model.merge_config,
-        "parity": parity.to_dict(),
-        "parity_line": parity.verdict(),
-        "precision": {
-            "precision": job.precision,
-            "int8_mode": int8_mode,
-            "int8_ffn_out": ffn_out,
-            "int8_ffn_fp32_nodes": ffn_fp32_nodes,
-            "calibration": calibration_source,
-            "agreement": agreement.to_dict() if agreement is not None else None,
-            "agreement_line": agreement.verdict() if agreement is not None else None,
-        },
-        "bench": bench,
-        "engine": engine,
-        "accuracy": accuracy,
-    }
-    atomic_write_text(out / "schedule.json", json.dumps({**schedule.to_dict(), **model.merge_config}, indent=2))
-    parity_record = {"context": context, **parity.to_dict(), "precision": summary["precision"]}
-    atomic_write_text(out / "parity.json", json.dumps(parity_record, indent=2))
-    if engine is not None and engine.get("bench"):
-        atomic_write_text(out / "bench.json", json.dumps({"context": context, **engine["bench"]}, indent=2))
-    if bench is not None:
-        atomic_write_text(out / "bench.json", json.dumps({"context": context, **bench}, indent=2))
-        report.print_bench(bench, console)
-    if accuracy is not None:
-        atomic_write_text(out / "accuracy.json", json.dumps({"context": context, **accuracy}, indent=2))
-        report.print_accuracy(accuracy, console)
-    report.write_preprocessing(model, spec, out)
-    atomic_write_text(out / "report.md", report.markdown(summary, spec))
-    return summary
+def raise_on_failure(summary: dict, precision: str, final: Path) -> None:
+    """ParityError (exit 3) for the first check that failed, its artifacts published for inspection."""
+    kept = f"(artifacts kept in {final} for inspection)"
+    if not summary["parity"]["passed"]:
+        raise ParityError(f"parity FAILED: {summary['parity_line']} {kept}")
+    engine = summary.get("engine")
+    if engine is not None and not engine["passed"]:
+        raise ParityError(f"engine parity FAILED: {engine['parity_line']} {kept}")
+    agreement = summary["precision"]["agreement"]
+    if agreement is not None and not agreement["passed"]:
+        raise ParityError(f"{precision} parity FAILED: {summary['precision']['agreement_line']} {kept}")

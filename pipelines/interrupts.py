@@ -8,20 +8,31 @@ pipeline checks the record between stages and before publishing.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 INTERRUPTED = threading.Event()
 
 
-def install() -> None:
-    """Record every SIGINT, then raise KeyboardInterrupt as Python's default handler does."""
+def _record_and_raise(signum, frame):
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
 
-    def handler(signum, frame):
-        INTERRUPTED.set()
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+@contextlib.contextmanager
+def watching() -> Iterator[None]:
+    """Inside the block every SIGINT is recorded, then raised as KeyboardInterrupt as Python's
+    default handler does. On leaving it, the previous handler is back and the record is cleared,
+    so a later job in the same process starts without an old Ctrl-C."""
+    INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, _record_and_raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        INTERRUPTED.clear()
 
 
 def check() -> None:

@@ -6,7 +6,9 @@ Any timm model name or Hugging Face model id not in the registry is accepted too
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +118,9 @@ def _load_timm(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> to
 
     kwargs = dict(spec.timm_kwargs)
     pretrained = not (random_init or checkpoint)
-    offline = pretrained and go_offline_if_hub_unreachable()
     try:
-        model = timm.create_model(spec.source, pretrained=pretrained, **kwargs)
+        with offline_if_hub_unreachable() if pretrained else contextlib.nullcontext(False) as offline:
+            model = timm.create_model(spec.source, pretrained=pretrained, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
         reason = "the model hub is unreachable and the weights are not cached" if offline else type(exc).__name__
         raise ModelLoadError(
@@ -147,32 +149,46 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def go_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
-    """Switch the hub clients to offline mode (cache only) when the hub's host does not resolve.
-
-    Without this, every file is retried with back-off for about half a minute before failing.
-    Returns True when offline mode was switched on.
-    """
+def hub_resolves(timeout: float = 3.0) -> bool:
+    """Whether the model hub's host resolves (`HF_ENDPOINT`, default huggingface.co)."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return True
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
         socket.getaddrinfo(host, 443)
-        return False
+        return True
     except OSError:
-        pass
+        return False
     finally:
         socket.setdefaulttimeout(previous)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import huggingface_hub.constants
 
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    return True
+
+@contextlib.contextmanager
+def offline_if_hub_unreachable(timeout: float = 3.0) -> Iterator[bool]:
+    """Inside the block, the hub clients read their cache only when the hub's host does not resolve.
+
+    Without this, every file is retried with back-off for about half a minute before failing.
+    Yields whether the block runs offline; the environment and the hub client's setting are
+    restored after it, so a later load in the same process asks the hub again.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or hub_resolves(timeout):
+        yield os.environ.get("HF_HUB_OFFLINE") == "1"
+        return
+    import huggingface_hub.constants as hub
+
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield True
+    finally:
+        hub.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -201,12 +217,11 @@ def _load_hf(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> torc
         else:
             config = _hf_call(AutoConfig.from_pretrained, source)
         return AutoModelForSequenceClassification.from_config(config)
-    if not os.path.isdir(source):
-        go_offline_if_hub_unreachable()
-    config = _hf_call(AutoConfig.from_pretrained, source)
-    archs = config.architectures or []
-    auto = AutoModelForSequenceClassification if any("SequenceClassification" in a for a in archs) else AutoModel
-    return _hf_call(auto.from_pretrained, source)
+    with contextlib.nullcontext() if os.path.isdir(source) else offline_if_hub_unreachable():
+        config = _hf_call(AutoConfig.from_pretrained, source)
+        archs = config.architectures or []
+        auto = AutoModelForSequenceClassification if any("SequenceClassification" in a for a in archs) else AutoModel
+        return _hf_call(auto.from_pretrained, source)
 
 
 def _hf_call(fn, source: str):

@@ -16,9 +16,10 @@ import numpy as np
 
 from exporter.atomic import atomic_write, atomic_write_text
 from exporter.errors import ParityError
-from pipelines.export_job import ExportJob, build_output_folder, open_data
+from pipelines.export_job import ExportJob, build_output_folder
 from pipelines.models import resolve
 from pipelines.report import random_init_banner
+from pipelines.stages import open_data
 
 
 @dataclass

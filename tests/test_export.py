@@ -60,10 +60,12 @@ def test_export_is_byte_identical_twice(tmp_path, vision_export):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_export_lowering_argument_repatches(tmp_path):
+def test_export_lowering_argument_exports_it_and_leaves_the_model_as_it_was(tmp_path):
     model = patch_model(small_vit("deit"), algo="pitome", ratio=0.9, lowering="matmul")
     proto = onnx.load(export_onnx(model, None, tmp_path / "m.onnx", lowering="scatter"))
-    assert model.merge_config["lowering"] == "scatter" and read_metadata(proto)["lowering"] == "scatter"
+    assert read_metadata(proto)["lowering"] == "scatter" and "ScatterElements" in {n.op_type for n in proto.graph.node}
+    assert model.merge_config["lowering"] == "matmul"
+    assert {block.token_merge.step.lowering for block in model.blocks} == {"matmul"}
 
 
 def test_text_export_names(tmp_path):

@@ -162,3 +162,13 @@ def test_half_precision_merged_text_is_nan_free_with_padding(dtype, algo):
         reduced = model.to(dtype)(input_ids=ids, attention_mask=mask).logits
     assert torch.isfinite(reduced).all()
     torch.testing.assert_close(reduced.float(), reference, atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: small_vit("deit"), lambda: small_text("bert")], ids=["vision", "text"])
+def test_unpatch_leaves_no_attribute_behind(make):
+    """Every attribute a patch adds is removed again: the stock model's modules, as they were."""
+    model = make()
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    kwargs = {"seq_len": 32} if not hasattr(model, "blocks") else {}
+    unpatch_model(patch_model(model, ratio=0.9, **kwargs))
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before

@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from ops.errors import UnsupportedModelError
 from ops.merge import MergeStep, TokenMerge
+from ops.patch.surgery import add_attributes, swap_class
 from ops.schedule import TokenSchedule
 
 MERGE_LAYERS = (0, 1, 2)  # the reference merges in the first three layers only
@@ -168,15 +169,8 @@ def layer_steps(schedule: TokenSchedule, algo: str, lowering: str) -> list[Merge
 
 def patch(model: torch.nn.Module, steps: list[MergeStep], padding_safe: bool, seq_len: int) -> None:
     base = base_model(model)
-    original = type(base)
-    base._pitome_original_class = original
-    base.__class__ = type(f"Merging{original.__name__}", (MergingTextEncoder, original), {})
-    base.token_merges = torch.nn.ModuleList(TokenMerge(step, 1) for step in steps)
-    base._pitome_added = ("token_merges",)
-    base.padding_safe = padding_safe
-    base.frozen_seq_len = seq_len
-    base.text_family = family_of(base)
-
-
-def modules_to_restore(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [base_model(model)]
+    swap_class(base, MergingTextEncoder)
+    add_attributes(
+        base, token_merges=torch.nn.ModuleList(TokenMerge(step, 1) for step in steps), padding_safe=padding_safe,
+        frozen_seq_len=seq_len, text_family=family_of(base),
+    )  # fmt: skip

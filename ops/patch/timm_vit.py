@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ops.errors import UnsupportedModelError
 from ops.merge import MergeStep, TokenMerge
+from ops.patch.surgery import add_attributes, swap_class
 from ops.schedule import TokenSchedule
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -76,13 +77,6 @@ class MergingVisionTransformer(VisionTransformer):
         return self.head(self.head_drop(self.fc_norm(pooled)))
 
 
-def _swap_class(module: torch.nn.Module, base: type) -> None:
-    """Give `module` a class deriving from both `base` (our forward) and its own class."""
-    original = type(module)
-    module._pitome_original_class = original
-    module.__class__ = type(f"{base.__name__}_{original.__name__}", (base, original), {})
-
-
 def check_supported(model: torch.nn.Module) -> None:
     """Refuse models whose structure this patch would silently compute wrong."""
     if not isinstance(model, VisionTransformer):
@@ -127,16 +121,9 @@ def layer_steps(schedule: TokenSchedule, algo: str, flavor: str, lowering: str) 
 
 def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool) -> None:
     """Swap in the merging classes and freeze each block's step."""
-    _swap_class(model, MergingVisionTransformer)
-    model.scheduled_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    swap_class(model, MergingVisionTransformer)
+    add_attributes(model, scheduled_tokens=model.patch_embed.num_patches + model.num_prefix_tokens)
     for block, step in zip(model.blocks, steps):
-        _swap_class(block, MergingBlock)
-        _swap_class(block.attn, MergingAttention)
-        block.token_merge = TokenMerge(step, model.num_prefix_tokens)
-        block._pitome_added = ("token_merge",)
-        block.prop_attn = prop_attn
-
-
-def modules_to_restore(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every module whose class `patch` swapped."""
-    return [model, *model.blocks, *(block.attn for block in model.blocks)]
+        swap_class(block, MergingBlock)
+        swap_class(block.attn, MergingAttention)
+        add_attributes(block, token_merge=TokenMerge(step, model.num_prefix_tokens), prop_attn=prop_attn)
