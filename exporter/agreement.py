@@ -146,8 +146,8 @@ class AgreementReport:
 
     def verdict(self) -> str:
         """One line: PASSED/FAILED, the rule that decided and on how many samples, then what is reported."""
-        (rule_ok, rule_text), *others = self.checks()
-        state = "PASSED" if rule_ok and all(ok for ok, _ in others) else "FAILED"
+        (_, rule_text), *others = self.checks()
+        state = "PASSED" if self.passed else "FAILED"
         line = f"{state} | {self.precision} vs fp32 merged graph by {self.decided_by}: {rule_text}"
         line += "".join(f" | {'passed' if ok else 'FAILED'}: {text}" for ok, text in others)
         line += f" | reported: top-1 agreement {self.top1_agreement:.2%} on {self.samples} parity samples"
