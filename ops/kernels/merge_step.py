@@ -202,9 +202,11 @@ def _combine(
         count = tl.where(s_mask, count, 0)
         rounds = tl.max(count, axis=0)
         slot_size = tl.load(size_ptr + kept_tok, mask=s_mask, other=0.0).to(tl.float32)
-        for j in range(0, rounds):
+        j = 0
+        while j < rounds:  # a while loop: Triton 3.6's interpreter takes no tensor range bound
             tok = _take(member_tok, first + j, AP)
             slot_size += tl.load(size_ptr + tok, mask=j < count, other=0.0).to(tl.float32)
+            j += 1
         tl.store(size_out_ptr + slots, slot_size.to(size_out_ptr.dtype.element_ty), mask=s_mask)
         denom = tl.maximum(slot_size, 1e-12)
         for c0 in range(0, C, BLOCK_C):
@@ -212,7 +214,8 @@ def _combine(
             mask = s_mask[:, None] & (cols[None, :] < C)
             x_dest = tl.load(x_ptr + kept_tok[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             pull = tl.zeros([BLOCK, BLOCK_C], tl.float32)
-            for j in range(0, rounds):
+            j = 0
+            while j < rounds:
                 has = j < count
                 tok = _take(member_tok, first + j, AP)
                 share = tl.load(size_ptr + tok, mask=has, other=0.0).to(tl.float32) / denom
@@ -220,6 +223,7 @@ def _combine(
                     x_ptr + tok[:, None] * C + cols[None, :], mask=mask & has[:, None], other=0.0
                 ).to(tl.float32)
                 pull += tl.where(has[:, None], (x_member - x_dest) * share[:, None], 0.0)
+                j += 1
             out = x_dest + pull
             tl.store(x_out_ptr + slots[:, None] * C + cols[None, :], out.to(x_out_ptr.dtype.element_ty), mask=mask)
 
