@@ -77,15 +77,18 @@ def translation_table() -> dict:
 
 @contextlib.contextmanager
 def fused_merges(model: torch.nn.Module) -> Iterator[int]:
-    """Run every `TokenMerge` of `model` as the fused operator inside the block; yields how many."""
+    """Run every `TokenMerge` of `model` as the fused operator inside the block; yields how many.
+
+    Each merge gets its own setting back afterwards (a model patched with `merge_impl="fused"` stays fused)."""
     merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
+    before = [merge.fused for merge in merges]
     for merge in merges:
         merge.fused = True
     try:
         yield len(merges)
     finally:
-        for merge in merges:
-            merge.fused = False
+        for merge, fused in zip(merges, before):
+            merge.fused = fused
 
 
 def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
