@@ -23,6 +23,14 @@ MAX_METRIC_DIM = 256  # a metric row is one register tile
 NUM_WARPS = 4
 
 
+_INTERPRETED = isinstance(token_merge_kernel, InterpretedFunction)
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    return _INTERPRETED
+
+
 def _pow2(n: int, least: int) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -69,12 +77,8 @@ def kernel_constants(
         "DP": _pow2(metric_dim, 16),
         "BLOCK": BLOCK,
         "BLOCK_C": min(64, _pow2(channels, 16)),
+        "BROADCAST_DOT": interpreted(),
     }
-
-
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were defined)."""
-    return isinstance(token_merge_kernel, InterpretedFunction)
 
 
 def _check_device(x: torch.Tensor) -> None:

@@ -52,10 +52,17 @@ def _valid_of(valid_ptr, tokens, mask, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
-def _similarity(u_rows, u_cols, v_rows, v_cols, PADDING_SAFE: tl.constexpr):
+def _similarity(u_rows, u_cols, v_rows, v_cols, PADDING_SAFE: tl.constexpr, BROADCAST_DOT: tl.constexpr):
     """Cosine similarity `[M, M']` of unit rows, in IEEE FP32 (no TF32); padding pairs as in
-    `ops.merge.padding_safe_similarity` when `PADDING_SAFE`."""
-    sim = tl.dot(u_rows, tl.trans(u_cols), input_precision="ieee")
+    `ops.merge.padding_safe_similarity` when `PADDING_SAFE`.
+
+    `BROADCAST_DOT` (the interpreter) sums products instead of calling `tl.dot`, which the
+    interpreter hands to numpy's BLAS, whose rounding of a row depends on its position: equal
+    rows would then lose their exact ties. A GPU's FP32 dot rounds every row alike."""
+    if BROADCAST_DOT:
+        sim = tl.sum(u_rows[:, None, :] * u_cols[None, :, :], axis=2)
+    else:
+        sim = tl.dot(u_rows, tl.trans(u_cols), input_precision="ieee")
     if PADDING_SAFE:
         real = (v_rows[:, None] * v_cols[None, :]) > 0
         pad = ((1.0 - v_rows)[:, None] * (1.0 - v_cols)[None, :]) > 0
@@ -67,7 +74,7 @@ def _similarity(u_rows, u_cols, v_rows, v_cols, PADDING_SAFE: tl.constexpr):
 def _energy_rows(
     metric_ptr, valid_ptr, rows, T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     KIND: tl.constexpr, MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr,
-    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Energy of patch tokens `rows` (`[BLOCK]`): the sum over all T columns of the kernel of
     `sim - margin` (ELU, vision) or the valid-masked Gaussian of `1 - sim` (text), column block by
@@ -81,7 +88,7 @@ def _energy_rows(
         col_mask = cols < T
         u_c = _unit_rows(metric_ptr, P + cols, col_mask, D, DP)
         v_c = _valid_of(valid_ptr, P + cols, col_mask, HAS_VALID)
-        sim = _similarity(u_r, u_c, v_r, v_c, KIND == PITOME_TEXT)
+        sim = _similarity(u_r, u_c, v_r, v_c, KIND == PITOME_TEXT, BROADCAST_DOT)
         if KIND == PITOME_TEXT:
             z = (1.0 - sim) / SIGMA
             f = tl.exp(-0.5 * (z * z)) / GAUSS_NORM * v_c[None, :]
@@ -129,7 +136,7 @@ def _take(full, index, LENGTH: tl.constexpr):
 def _ranking(
     metric_ptr, valid_ptr, T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     KIND: tl.constexpr, MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr,
-    HAS_VALID: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_VALID: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Patch tokens in rank order `[TP]`: by energy, descending (PiToMe kinds), or by position (ToMe)."""
     idx = tl.arange(0, TP)
@@ -139,7 +146,7 @@ def _ranking(
     for r0 in range(0, T, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         total = _energy_rows(
-            metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, BLOCK
+            metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, BLOCK, BROADCAST_DOT
         )
         energy = _put_block(energy, total, r0, TP, BLOCK)
     if KIND == PITOME_TEXT:
@@ -155,6 +162,7 @@ def _best_matches(
     metric_ptr, valid_ptr, order, A0: tl.constexpr, AS: tl.constexpr, NA: tl.constexpr, B0: tl.constexpr,
     BS: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     PADDING_SAFE: tl.constexpr, HAS_VALID: tl.constexpr, TP: tl.constexpr, AP: tl.constexpr, BLOCK: tl.constexpr,
+    BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """For each A token k (rank `A0 + AS k`, k < NA) its best B match j (rank `B0 + BS j`, first max
     on ties) and that similarity: `([AP] fp32, [AP] int32)`."""
@@ -174,7 +182,7 @@ def _best_matches(
             b_tok = P + _take(order, B0 + BS * js, TP)
             u_b = _unit_rows(metric_ptr, b_tok, b_mask, D, DP)
             v_b = _valid_of(valid_ptr, b_tok, b_mask, HAS_VALID)
-            sim = tl.where(b_mask[None, :], _similarity(u_a, u_b, v_a, v_b, PADDING_SAFE), float("-inf"))
+            sim = tl.where(b_mask[None, :], _similarity(u_a, u_b, v_a, v_b, PADDING_SAFE, BROADCAST_DOT), float("-inf"))
             tile_score = tl.max(sim, axis=1)
             tile_b = tl.argmax(sim, axis=1, tie_break_left=True).to(tl.int32) + b0
             better = tile_score > block_score  # strict: an earlier B block keeps its tie
@@ -234,7 +242,7 @@ def token_merge_kernel(
     N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr, KIND: tl.constexpr,
     MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr, HAS_VALID: tl.constexpr,
     TP: tl.constexpr, AP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """One merge step of batch element `program_id(0)`: `x [N, C]`, `size [N]`, `metric [N, D]`
     (, `valid [N]`) -> `x_out [N - R, C]`, `size_out [N - R]` (, `slots [N]`: each token's slot)."""
@@ -248,7 +256,9 @@ def token_merge_kernel(
     size_out_ptr += b * N_OUT
     if HAS_VALID:
         valid_ptr += b * N
-    order = _ranking(metric_ptr, valid_ptr, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK)
+    order = _ranking(
+        metric_ptr, valid_ptr, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK, BROADCAST_DOT
+    )
     # Which ranks form A and B: A_k = rank A0 + AS k (k < NA), B_j = rank B0 + BS j (j < NB).
     if KIND == PITOME:
         A0: tl.constexpr = 0
@@ -280,7 +290,8 @@ def token_merge_kernel(
         NB: tl.constexpr = (T - (1 - P % 2) + 1) // 2
     padding_safe: tl.constexpr = KIND == PITOME_TEXT or (KIND == TOME and HAS_VALID)
     best_score, best_b = _best_matches(
-        metric_ptr, valid_ptr, order, A0, AS, NA, B0, BS, NB, P, D, DP, padding_safe, HAS_VALID, TP, AP, BLOCK
+        metric_ptr, valid_ptr, order, A0, AS, NA, B0, BS, NB, P, D, DP, padding_safe, HAS_VALID, TP, AP, BLOCK,
+        BROADCAST_DOT,
     )
     ks = tl.arange(0, AP)
     slots_out = tl.arange(0, NOP)
