@@ -17,7 +17,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
 # Kind codes (constexpr KIND); `ops.kernels.launch.KIND_CODES` maps `MergeStep.kind` to them.
 PITOME = tl.constexpr(0)
 PITOME_BSM = tl.constexpr(1)
@@ -227,9 +226,8 @@ def _combine(
                 has = j < count
                 tok = _take(member_tok, first + j, AP)
                 share = tl.load(size_ptr + tok, mask=has, other=0.0).to(tl.float32) / denom
-                x_member = tl.load(
-                    x_ptr + tok[:, None] * C + cols[None, :], mask=mask & has[:, None], other=0.0
-                ).to(tl.float32)
+                members = x_ptr + tok[:, None] * C + cols[None, :]
+                x_member = tl.load(members, mask=mask & has[:, None], other=0.0).to(tl.float32)
                 pull += tl.where(has[:, None], (x_member - x_dest) * share[:, None], 0.0)
                 j += 1
             out = x_dest + pull
@@ -292,7 +290,7 @@ def token_merge_kernel(
     best_score, best_b = _best_matches(
         metric_ptr, valid_ptr, order, A0, AS, NA, B0, BS, NB, P, D, DP, padding_safe, HAS_VALID, TP, AP, BLOCK,
         BROADCAST_DOT,
-    )
+    )  # fmt: skip
     ks = tl.arange(0, AP)
     slots_out = tl.arange(0, NOP)
     q = slots_out - P
