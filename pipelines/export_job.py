@@ -75,8 +75,8 @@ class ExportJob:
 
     @property
     def fused(self) -> bool:
-        """`--merge-impl plugin`: each merge step exported as one `pitome::TokenMerge` node."""
-        return self.lowering == "plugin"
+        """`--merge-impl plugin` or `fused`: each merge step exported as one `pitome::TokenMerge` node."""
+        return self.lowering in ("plugin", "fused")
 
     @property
     def patch_lowering(self) -> str:
@@ -110,6 +110,18 @@ def check_target(target: str) -> None:
         require_cuda()
 
 
+def check_merge_impl(lowering: str) -> None:
+    """`--merge-impl fused` runs the Triton merge kernels: fail fast (exit 4) without a CUDA device."""
+    if lowering != "fused":
+        return
+    import torch
+
+    from exporter.errors import MissingBackendError
+
+    if not torch.cuda.is_available():
+        raise MissingBackendError("--merge-impl fused runs the Triton merge kernels on a CUDA GPU; PyTorch sees none")
+
+
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
     from exporter.quantize import FFN_OUT_PRECISIONS, INT8_MODES, PRECISIONS
@@ -133,6 +145,8 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError("TensorRT builds INT8 engines from the static QDQ graph: drop --int8-mode dynamic")
     if job.precision == "bf16" and job.target != "trt":
         raise PitomeError("--precision bf16 is a TensorRT engine precision: use it with --target trt")
+    if job.lowering == "fused" and job.device == "cpu":
+        raise PitomeError("--merge-impl fused runs the PyTorch model on CUDA: drop --device cpu")
     if job.fused and job.precision == "int8":
         raise PitomeError("--merge-impl plugin does not combine with int8: calibration runs the graph on ONNX Runtime")
     if job.fused and job.precision == "fp16" and job.target == "onnx":
@@ -205,6 +219,7 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
 def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
     check_target(job.target)
+    check_merge_impl(job.lowering)
     spec = resolve(job.model)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")
@@ -274,7 +289,7 @@ def _run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
         text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
         patch_model(
             model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
-            lowering=job.patch_lowering, **text_kwargs,
+            lowering=job.patch_lowering, merge_impl="fused" if job.lowering == "fused" else "decomposed", **text_kwargs,
         )  # fmt: skip
         schedule = model.token_schedule
         signature = signature_of(model, seq_len)

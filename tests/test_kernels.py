@@ -189,3 +189,18 @@ def test_plugin_aot_impl_hands_tensorrt_the_ptx_and_one_program_per_batch_elemen
     trt.__version__ = "10.9.0"
     with pytest.raises(RuntimeError, match="TensorRT >= 10.16"):
         aot(x, size, metric, valid, "pitome_text", 30, 0.85, 1, outputs=())
+
+
+def test_cli_merge_impl_fused_without_cuda_exits_4_with_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: --merge-impl fused would run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "export", "deit_tiny", "--random-init", "--merge-impl", "fused",
+         "-o", str(tmp_path / "out")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 4
+    assert proc.stderr.strip().splitlines() == [
+        "pitome-export: error: --merge-impl fused runs the Triton merge kernels on a CUDA GPU; PyTorch sees none"
+    ]
+    assert not (tmp_path / "out").exists()
