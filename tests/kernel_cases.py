@@ -34,11 +34,13 @@ class KernelCase:
     duplicates: bool = False
     padded: bool = False
     dtype: str = "float32"
+    split_energy: bool = True  # False: energies inside the one merge kernel, as TensorRT's AOT plugin runs it
     seed: int = 0
 
     @property
     def name(self) -> str:
         extras = [flag for flag in ("duplicates", "padded") if getattr(self, flag)]
+        extras += [] if self.split_energy else ["inline"]
         extras += [] if self.dtype == "float32" else [self.dtype]
         return "-".join([self.kind, f"b{self.batch}", f"n{self.tokens}", f"p{self.prefix}", f"r{self.r}", *extras])
 
@@ -62,6 +64,9 @@ CASES = [
     KernelCase("pitome_text", 2, 128, 1, 30, channels=66, padded=True),
     KernelCase("pitome", 2, 40, 1, 9, dtype="float16"),
     KernelCase("pitome_bsm", 2, 40, 1, 9, dtype="bfloat16"),
+    KernelCase("pitome", 3, 40, 2, 9, duplicates=True, split_energy=False),
+    KernelCase("pitome_bsm", 2, 197, 1, 40, split_energy=False),
+    KernelCase("pitome_text", 3, 40, 1, 10, duplicates=True, padded=True, split_energy=False),
 ]
 
 MODEL_FAMILIES = ("vit", "text")
@@ -96,13 +101,35 @@ def _reference(x, size, metric, valid, step, prefix):
 
 
 class LaunchCounter:
-    """Counts launches of a Triton kernel (`kernel[grid](...)`) while it stands in for it."""
+    """Counts the launches (`kernel[grid](...)`) of both kernels of `ops.kernels.launch` while it
+    stands in for them."""
 
-    def __init__(self, kernel) -> None:
-        self.kernel, self.launches = kernel, 0
+    NAMES = ("energy_kernel", "token_merge_kernel")
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __enter__(self) -> LaunchCounter:
+        from ops.kernels import launch
+
+        self.kernels = {name: getattr(launch, name) for name in self.NAMES}
+        for name, kernel in self.kernels.items():
+            setattr(launch, name, _Counted(kernel, self))
+        return self
+
+    def __exit__(self, *_) -> None:
+        from ops.kernels import launch
+
+        for name, kernel in self.kernels.items():
+            setattr(launch, name, kernel)
+
+
+class _Counted:
+    def __init__(self, kernel, counter: LaunchCounter) -> None:
+        self.kernel, self.counter = kernel, counter
 
     def __getitem__(self, grid):
-        self.launches += 1
+        self.counter.launches += 1
         return self.kernel[grid]
 
 
@@ -115,14 +142,12 @@ def run_case(case: KernelCase) -> dict:
     step = MergeStep(case.kind, case.r, 0.7 if case.kind == "pitome_text" else 0.6)
     ref_x, ref_size, ref_slots = _reference(x.float(), size.float(), metric, valid, step, case.prefix)
     double = _reference(x.double(), size.double(), metric.double(), valid, step, case.prefix)
-    counter = LaunchCounter(launch.token_merge_kernel)
-    launch.token_merge_kernel = counter
-    try:
+    with LaunchCounter() as counter:
         start = time.perf_counter()
-        out_x, out_size, slots = launch.token_merge_with_slots(x, size, metric, valid, step, case.prefix, True)
+        out_x, out_size, slots = launch.token_merge_with_slots(
+            x, size, metric, valid, step, case.prefix, with_slots=True, split_energy=case.split_energy
+        )
         seconds = time.perf_counter() - start
-    finally:
-        launch.token_merge_kernel = counter.kernel
     return {
         "name": case.name,
         "decisive": torch.equal(double[2], ref_slots),
@@ -161,19 +186,15 @@ def run_model(family: str) -> dict:
         return launch.token_merge(x, size, metric, valid, MergeStep(kind, r, margin), num_prefix)
 
     decomposed = logits()
-    merging_layers = sum(1 for m in model.modules() if isinstance(m, TokenMerge) and m.step.r > 0)
+    kinds = [m.step.kind for m in model.modules() if isinstance(m, TokenMerge) and m.step.r > 0]
     repatch(model, merge_impl="fused")
     torch.library.register_kernel("pitome::token_merge", "cpu", fused_kernel)
-    counter = LaunchCounter(launch.token_merge_kernel)
-    launch.token_merge_kernel = counter
-    try:
+    with LaunchCounter() as counter:
         fused = logits()
-    finally:
-        launch.token_merge_kernel = counter.kernel
     return {
         "name": f"model-{family}",
         "max_abs_error": (fused - decomposed).abs().max().item(),
-        "merging_layers": merging_layers,
+        "merging_kinds": kinds,
         "launches": counter.launches,
     }
 

@@ -1,7 +1,8 @@
 """The fused merge kernel compiled ahead of time to PTX, for TensorRT's AOT plugin (no GPU needed).
 
-TensorRT launches an AOT plugin's kernel with its inputs, then extra int32 scalars (none here:
-every shape, r and the margin are compile-time constants), then its outputs. Triton >= 3.3
+TensorRT launches an AOT plugin's one kernel with its inputs, then extra int32 scalars (none
+here: every shape, r and the margin are compile-time constants), then its outputs; the kernel
+computes the energies itself (`energy_ptr` None), so a merging layer is 1 launch there. Triton >= 3.3
 appends scratch-pointer parameters to every compiled kernel (`global_scratch`, and from 3.5
 `profile_scratch`); this kernel uses neither (`compile_merge` refuses a build that would), so
 those trailing parameters are never read.
@@ -77,9 +78,9 @@ def compile_merge(
     constants = kernel_constants(step, tokens, channels, metric_dim, num_prefix, has_valid)
     pointer = POINTER_TYPES[dtype]
     signature = {name: pointer for name in plugin_arguments(has_valid)}
-    signature.update(valid_ptr="*fp32" if has_valid else "constexpr", slots_ptr="constexpr")
+    signature.update(valid_ptr="*fp32" if has_valid else "constexpr", slots_ptr="constexpr", energy_ptr="constexpr")
     signature.update({name: "constexpr" for name in constants})
-    constexprs = {**constants, "slots_ptr": None, **({} if has_valid else {"valid_ptr": None})}
+    constexprs = {**constants, "slots_ptr": None, "energy_ptr": None, **({} if has_valid else {"valid_ptr": None})}
     source = ASTSource(fn=token_merge_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
     scratch = (

@@ -10,13 +10,18 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from ops.kernels.merge_step import token_merge_kernel
+from ops.kernels.merge_step import energy_kernel, token_merge_kernel
 from ops.merge import MergeStep
 
 KIND_CODES = {"pitome": 0, "pitome_bsm": 1, "tome": 2, "pitome_text": 3}
-LAUNCHES_PER_LAYER = 1  # one program per batch element does the whole step: see merge_step
+# Launches per merging layer: PiToMe kinds compute their energies in a launch of their own (all
+# batch elements x row blocks), then one program per batch element does the rest; ToMe has no
+# energies. TensorRT's AOT plugin runs the one kernel with the energies inline: 1 launch.
+LAUNCHES_PER_LAYER = {"pitome": 2, "pitome_bsm": 2, "pitome_text": 2, "tome": 1}
+ENERGY_CONSTANTS = ("N", "D", "P", "KIND", "MARGIN", "SIGMA", "GAUSS_NORM", "HAS_VALID", "TP", "DP", "BLOCK")
 BLOCK = 32  # tokens per tile: the similarity tiles are BLOCK x BLOCK dots
 MAX_TOKENS = 1 << 15  # ranks are packed into 16 bits beside the score
 MAX_METRIC_DIM = 256  # a metric row is one register tile
@@ -108,9 +113,11 @@ def token_merge_with_slots(
     step: MergeStep,
     num_prefix: int,
     with_slots: bool = False,
+    split_energy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`token_merge`, plus (if `with_slots`) each token's output slot `[B, N]` int32: the decisions,
-    in the form `ops.merge.plan_slots` gives them."""
+    in the form `ops.merge.plan_slots` gives them. `split_energy=False` computes PiToMe energies
+    inside the one merge kernel, as TensorRT's AOT plugin does (one launch instead of two)."""
     _check_device(x)
     batch, tokens, channels = x.shape
     if step.r == 0:
@@ -122,8 +129,14 @@ def token_merge_with_slots(
     x_out = x_in.new_empty(batch, tokens - step.r, channels)
     size_out = size_in.new_empty(batch, tokens - step.r)
     slots = torch.empty(batch, tokens, dtype=torch.int32, device=x.device) if with_slots else None
+    energy = None
+    if split_energy and step.kind != "tome":
+        energy = torch.empty(batch, tokens - num_prefix, dtype=torch.float32, device=x.device)
+        energy_constants = {name: constants[name] for name in (*ENERGY_CONSTANTS, "BROADCAST_DOT")}
+        row_blocks = triton.cdiv(tokens - num_prefix, BLOCK)
+        energy_kernel[(batch, row_blocks)](metric_in, valid_in, energy, **energy_constants, num_warps=NUM_WARPS)
     token_merge_kernel[(batch,)](
-        x_in, size_in, metric_in, valid_in, x_out, size_out, slots, **constants, num_warps=NUM_WARPS
+        x_in, size_in, metric_in, valid_in, x_out, size_out, slots, energy, **constants, num_warps=NUM_WARPS
     )
     return x_out.to(x.dtype), size_out.to(size.dtype)[..., None], slots
 
@@ -139,8 +152,9 @@ def token_merge(
     """One merge step, fused: `x [B, N, C]`, `size [B, N, 1]`, `metric [B, N, d]`, `valid [B, N]`
     (or None) -> `(x_out [B, N - r, C], size_out [B, N - r, 1])`, as `ops.merge.token_merge_op`.
 
-    One kernel launch, whatever the batch. Decisions in FP32; x and size keep their dtype (FP32,
-    FP16 or BF16). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    `LAUNCHES_PER_LAYER[step.kind]` kernel launches (2 for PiToMe, 1 for ToMe), whatever the batch.
+    Decisions in FP32; x and size keep their dtype (FP32, FP16 or BF16). CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1.
     """
     x_out, size_out, _ = token_merge_with_slots(x, size, metric, valid, step, num_prefix)
     return x_out, size_out

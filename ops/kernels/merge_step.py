@@ -1,15 +1,19 @@
-"""One whole merge step as ONE Triton kernel, one program per batch element.
+"""One whole merge step in Triton: one kernel, one program per batch element (+ a parallel energy kernel).
 
-The kernel computes what `ops.merge.merge_assignment` + `size_weighted_merge` compute, for every
-step kind: unit rows, similarity, energy, the stable descending ranking (packed keys, ties to
-the lower index), matching and the size-weighted combine. Decisions are FP32 whatever the
-input dtype. Everything stays in registers (no scratch buffer), which is what lets the same
-kernel serve as TensorRT's ahead-of-time plugin, where a plugin launches one kernel and gets
-no workspace. Vectors over tokens are padded to powers of two and masked.
+`token_merge_kernel` computes what `ops.merge.merge_assignment` + `size_weighted_merge` compute,
+for every step kind: unit rows, similarity, energy, the stable descending ranking (packed keys,
+ties to the lower index), matching and the size-weighted combine. Decisions are FP32 whatever
+the input dtype. Everything stays in registers (no scratch buffer), which is what lets the same
+kernel serve as TensorRT's ahead-of-time plugin, where a plugin launches one kernel and gets no
+workspace. Vectors over tokens are padded to powers of two and masked.
 
-Parameters: pointers only (x, size, metric, valid, x_out, size_out, slots), everything else is
-a compile-time constant of the layer (shapes, r, kind, margin), so the kernel's PTX parameter
-list is the plugin's inputs then outputs. `valid` and `slots` may be None (specialised away).
+`energy_kernel` optionally takes the O(T^2 d) energies off it, over (batch, row block) programs,
+so that small batches use more than one SM per layer; `token_merge_kernel` then reads them.
+
+Parameters: pointers only (x, size, metric, valid, x_out, size_out, slots, energy), everything
+else is a compile-time constant of the layer (shapes, r, kind, margin), so the kernel's PTX
+parameter list is the plugin's inputs then outputs. `valid`, `slots` and `energy` may be None
+(specialised away).
 """
 
 from __future__ import annotations
@@ -132,28 +136,67 @@ def _take(full, index, LENGTH: tl.constexpr):
 
 
 @triton.jit
-def _ranking(
-    metric_ptr, valid_ptr, T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+def _row_energies(
+    metric_ptr, valid_ptr, rows, T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     KIND: tl.constexpr, MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr,
     HAS_VALID: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Patch tokens in rank order `[TP]`: by energy, descending (PiToMe kinds), or by position (ToMe)."""
+    """Energy `[BLOCK]` of patch tokens `rows`: the mean over all T (ELU, vision) or over the valid
+    tokens (Gaussian, text; padding ranks first with `_PAD_ENERGY`), as `ops.merge` computes it."""
+    total = _energy_rows(
+        metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, BLOCK, BROADCAST_DOT
+    )
+    if KIND == PITOME_TEXT:
+        idx = tl.arange(0, TP)
+        count = tl.sum(_valid_of(valid_ptr, P + idx, idx < T, HAS_VALID), axis=0)
+        v_r = _valid_of(valid_ptr, P + rows, rows < T, HAS_VALID)
+        return tl.where(v_r > 0, total / tl.maximum(count, 1.0), _PAD_ENERGY)
+    return total / T
+
+
+@triton.jit
+def _ranking(
+    metric_ptr, valid_ptr, energy_ptr, T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    KIND: tl.constexpr, MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr,
+    HAS_VALID: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BROADCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Patch tokens in rank order `[TP]`: by energy, descending (PiToMe kinds), or by position (ToMe).
+    Energies come from `energy_kernel`'s output when given, else are computed here, block by block."""
     idx = tl.arange(0, TP)
     if KIND == TOME:
         return idx
-    energy = tl.zeros([TP], tl.float32)
-    for r0 in range(0, T, BLOCK):
-        rows = r0 + tl.arange(0, BLOCK)
-        total = _energy_rows(
-            metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, BLOCK, BROADCAST_DOT
-        )
-        energy = _put_block(energy, total, r0, TP, BLOCK)
-    if KIND == PITOME_TEXT:
-        valid = _valid_of(valid_ptr, P + idx, idx < T, HAS_VALID)
-        energy = tl.where(valid > 0, energy / tl.maximum(tl.sum(valid, axis=0), 1.0), _PAD_ENERGY)
+    if energy_ptr is not None:
+        energy = tl.load(energy_ptr + idx, mask=idx < T, other=0.0)
     else:
-        energy = energy / T
+        energy = tl.zeros([TP], tl.float32)
+        for r0 in range(0, T, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            block = _row_energies(
+                metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK,
+                BROADCAST_DOT,
+            )  # fmt: skip
+            energy = _put_block(energy, block, r0, TP, BLOCK)
     return _descending_order(energy, idx < T, TP)
+
+
+@triton.jit
+def energy_kernel(
+    metric_ptr, valid_ptr, energy_ptr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, KIND: tl.constexpr,
+    MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr, HAS_VALID: tl.constexpr,
+    TP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, BROADCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Energies `[T]` of batch element `program_id(0)`, rows block `program_id(1)`: the O(T^2 d) part
+    of a PiToMe step spread over T / BLOCK programs per batch element (small batches fill the GPU)."""
+    b = tl.program_id(0).to(tl.int64)
+    T: tl.constexpr = N - P
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    metric_ptr += b * N * D
+    if HAS_VALID:
+        valid_ptr += b * N
+    energy = _row_energies(
+        metric_ptr, valid_ptr, rows, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK, BROADCAST_DOT
+    )
+    tl.store(energy_ptr + b * T + rows, energy, mask=rows < T)
 
 
 @triton.jit
@@ -236,14 +279,16 @@ def _combine(
 
 @triton.jit
 def token_merge_kernel(
-    x_ptr, size_ptr, metric_ptr, valid_ptr, x_out_ptr, size_out_ptr, slots_ptr,
+    x_ptr, size_ptr, metric_ptr, valid_ptr, x_out_ptr, size_out_ptr, slots_ptr, energy_ptr,
     N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr, KIND: tl.constexpr,
     MARGIN: tl.constexpr, SIGMA: tl.constexpr, GAUSS_NORM: tl.constexpr, HAS_VALID: tl.constexpr,
     TP: tl.constexpr, AP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr, BROADCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """One merge step of batch element `program_id(0)`: `x [N, C]`, `size [N]`, `metric [N, D]`
-    (, `valid [N]`) -> `x_out [N - R, C]`, `size_out [N - R]` (, `slots [N]`: each token's slot)."""
+    (, `valid [N]`) -> `x_out [N - R, C]`, `size_out [N - R]` (, `slots [N]`: each token's slot).
+    `energy [T]` from `energy_kernel`, or None: the energies are then computed here (TensorRT's AOT
+    plugin, which launches one kernel)."""
     b = tl.program_id(0).to(tl.int64)
     T: tl.constexpr = N - P
     N_OUT: tl.constexpr = N - R
@@ -254,8 +299,24 @@ def token_merge_kernel(
     size_out_ptr += b * N_OUT
     if HAS_VALID:
         valid_ptr += b * N
+    if energy_ptr is not None:
+        energy_ptr += b * T
     order = _ranking(
-        metric_ptr, valid_ptr, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK, BROADCAST_DOT
+        metric_ptr,
+        valid_ptr,
+        energy_ptr,
+        T,
+        P,
+        D,
+        DP,
+        KIND,
+        MARGIN,
+        SIGMA,
+        GAUSS_NORM,
+        HAS_VALID,
+        TP,
+        BLOCK,
+        BROADCAST_DOT,
     )
     # Which ranks form A and B: A_k = rank A0 + AS k (k < NA), B_j = rank B0 + BS j (j < NB).
     if KIND == PITOME:
@@ -320,4 +381,4 @@ def token_merge_kernel(
         tl.store(slots_ptr + merged_tok, merged_slot, mask=ks < R)
 
 
-__all__ = ["token_merge_kernel"]
+__all__ = ["energy_kernel", "token_merge_kernel"]
