@@ -208,3 +208,37 @@ def test_cli_merge_impl_fused_without_cuda_exits_4_with_one_line(tmp_path):
         "pitome-export: error: --merge-impl fused runs the Triton merge kernels on a CUDA GPU; PyTorch sees none"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind, has_valid", [("pitome", False), ("pitome_text", True)])
+def test_runtime_kernels_compile_for_sm90(kind, has_valid):
+    """The CUDA path's two launches (energies, then the step reading them) compile for an H100/H200."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ops.kernels import kernel_constants
+    from ops.kernels.launch import ENERGY_CONSTANTS
+    from ops.kernels.merge_step import energy_kernel, token_merge_kernel
+
+    constants = kernel_constants(MergeStep(kind, 19, 0.75), 197, 384, 64, 1, has_valid)
+    valid = {"valid_ptr": "*fp32"} if has_valid else {"valid_ptr": "constexpr"}
+    absent = {} if has_valid else {"valid_ptr": None}
+    energy_names = (*ENERGY_CONSTANTS, "BROADCAST_DOT")
+    sources = {
+        energy_kernel: (
+            {"metric_ptr": "*fp16", **valid, "energy_ptr": "*fp32", **dict.fromkeys(energy_names, "constexpr")},
+            {**{name: constants[name] for name in energy_names}, **absent},
+        ),
+        token_merge_kernel: (
+            {name: "*fp16" for name in ("x_ptr", "size_ptr", "metric_ptr", "x_out_ptr", "size_out_ptr")}
+            | valid
+            | {"slots_ptr": "constexpr", "energy_ptr": "*fp32", **dict.fromkeys(constants, "constexpr")},
+            {**constants, "slots_ptr": None, **absent},
+        ),
+    }
+    for kernel, (signature, constexprs) in sources.items():
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert ".entry " + compiled.metadata.name in compiled.asm["ptx"]
