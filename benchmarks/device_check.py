@@ -12,6 +12,10 @@
    merge skipped; eager and CUDA graph): DeiT-S batch 1/8/64 FP32/FP16, DeiT-B and BERT-base
    FP16 batch 64; then the targets met or not.
 
+Triton compiles each merging layer's kernels on first use (every layer has its own shapes, r and
+margin: ~100 compiles in all); a first stage compiles them in parallel worker processes, which
+fill Triton's on-disk cache for the measuring process.
+
 Writes `device_check.json` and `device_check.md` after every stage (a run cut short keeps what it
 measured) and the grid's `gpu_latency.md/.json` per model under `--out`. Exits 4 without CUDA.
 """
@@ -19,8 +23,10 @@ measured) and the grid's `gpu_latency.md/.json` per model under `--out`. Exits 4
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -69,6 +75,43 @@ def _step_inputs(tokens: int, channels: int, width: int, padded: bool, batch: in
         valid[1:, tokens - tokens // 3 :] = 0
         size = valid[..., None].clone()
     return [t if t is None else t.to(device) for t in (x, size, metric, valid)]
+
+
+def _warm(task: tuple) -> str:
+    """One worker's share of the compilation: a forward pass of one model in one precision, or the steps."""
+    device = torch.device("cuda")
+    if task[0] == "steps":
+        check_steps(device, batch=2)
+        return "steps"
+    _, name, ratio, seq_len, precision = task
+    _forward_fused(name, ratio, seq_len, precision, device)
+    return f"{name} {precision}"
+
+
+def _forward_fused(name: str, ratio: float, seq_len: int | None, precision: str, device: torch.device) -> None:
+    from exporter.signatures import ExportWrapper, signature_of
+    from ops import patch_model
+    from pipelines.models import load_model, resolve
+
+    model, _ = load_model(resolve(name), random_init=True)
+    model = patch_model(model, ratio=ratio, merge_impl="fused", **({"seq_len": seq_len} if seq_len else {}))
+    signature = signature_of(model, seq_len)
+    feeds = signature.example_inputs(2, seed=0)
+    wrapped = ExportWrapper(model, signature).eval().to(device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+        wrapped(*(feeds[n].to(device) for n in signature.input_names))
+
+
+def precompile(workers: int) -> list[str]:
+    """Compile every kernel the later stages launch, in parallel processes (Triton's disk cache)."""
+    tasks = [("steps",)] + [
+        ("model", name, ratio, seq_len, precision)
+        for name, ratio, seq_len, _, precisions, _ in GRID
+        for precision in sorted({*precisions, "fp32", "fp16"} if name != "deit_base" else set(precisions))
+    ]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_warm, tasks))
 
 
 def check_steps(device: torch.device, batch: int = 8) -> list[dict]:
@@ -237,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu" / "fused", help="folder for every result")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency candidate")
     parser.add_argument("--skip-grid", action="store_true", help="parity checks only, no latency grid")
+    parser.add_argument("--compile-workers", type=int, default=6, help="processes compiling kernels first (0: none)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
@@ -253,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {},
     }
     stages = [("steps", check_steps), ("layer", check_layer), ("models", check_models)]
+    if args.compile_workers > 0:
+        stages.insert(0, ("compiled", lambda device: precompile(args.compile_workers)))
     if not args.skip_grid:
         stages.append(("grid", lambda device: run_grid(args.out, args.runs, print)))
     for stage, run in stages:

@@ -347,3 +347,12 @@ def test_device_check_judges_the_targets_on_the_fused_graph_rows():
     assert (first["fused_speedup"], first["decomposed_speedup"], first["met"]) == (1.7, 0.8, True)
     assert first["merge_share_met"] is False  # 8% > 5%
     assert all(v["met"] is None for v in verdicts[1:])  # not measured: no verdict
+
+
+def test_device_check_rejects_bad_arguments(capsys):
+    from benchmarks.device_check import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", "0"])
+    assert exit_info.value.code == 2
+    assert "--runs must be >= 1" in capsys.readouterr().err
