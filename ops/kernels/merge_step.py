@@ -42,8 +42,8 @@ def _unit_rows(metric_ptr, tokens, mask, D: tl.constexpr, DP: tl.constexpr):
     rows = tl.load(
         metric_ptr + tokens[:, None] * D + cols[None, :], mask=mask[:, None] & (cols[None, :] < D), other=0.0
     ).to(tl.float32)
-    norm = tl.sqrt(tl.sum(rows * rows, axis=1))
-    return rows / tl.maximum(norm, 1e-12)[:, None]
+    norm = tl.sqrt_rn(tl.sum(rows * rows, axis=1))  # IEEE-rounded, as PyTorch's, not the fast approximations
+    return tl.div_rn(rows, tl.maximum(norm, 1e-12)[:, None])
 
 
 @triton.jit
