@@ -10,6 +10,7 @@ records what the plugin hands TensorRT (TensorRT itself cannot be installed here
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -176,9 +177,14 @@ def test_plugin_aot_impl_hands_tensorrt_the_ptx_and_one_program_per_batch_elemen
     trt.plugin = recorder.module()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trt.plugin)
-    monkeypatch.delitem(sys.modules, "exporter.tensorrt.plugin", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
-    import exporter.tensorrt.plugin  # noqa: F401  (registers with the recorder)
+    import exporter.tensorrt as trt_package
+
+    # Imported afresh against the stand-in; both entries get their previous state back afterwards.
+    monkeypatch.setitem(sys.modules, "exporter.tensorrt.plugin", None)
+    monkeypatch.setattr(trt_package, "plugin", None, raising=False)
+    del sys.modules["exporter.tensorrt.plugin"]
+    importlib.import_module("exporter.tensorrt.plugin")  # registers with the recorder
 
     aot = recorder.registered[("aot_impl", "pitome::TokenMergeMasked")]
     batch = "the batch dimension (symbolic)"

@@ -1,4 +1,4 @@
-"""Launching the fused merge step: compile-time constants per layer, dtype handling, one launch.
+"""Launching the fused merge step: compile-time constants per layer, dtype handling, the launches.
 
 `kernel_constants` is the one place that turns a `MergeStep` and the tensor shapes into the
 kernel's constexprs; the PyTorch launcher here and TensorRT's ahead-of-time plugin
@@ -13,10 +13,11 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from ops.kernels import merge_step
 from ops.kernels.merge_step import energy_kernel, token_merge_kernel
 from ops.merge import MergeStep
 
-KIND_CODES = {"pitome": 0, "pitome_bsm": 1, "tome": 2, "pitome_text": 3}
+KIND_CODES = {kind: getattr(merge_step, kind.upper()).value for kind in ("pitome", "pitome_bsm", "tome", "pitome_text")}
 # Launches per merging layer: PiToMe kinds compute their energies in a launch of their own (all
 # batch elements x row blocks), then one program per batch element does the rest; ToMe has no
 # energies. TensorRT's AOT plugin runs the one kernel with the energies inline: 1 launch.

@@ -21,14 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ops import merge as reference
+
 # Kind codes (constexpr KIND); `ops.kernels.launch.KIND_CODES` maps `MergeStep.kind` to them.
 PITOME = tl.constexpr(0)
 PITOME_BSM = tl.constexpr(1)
 TOME = tl.constexpr(2)
 PITOME_TEXT = tl.constexpr(3)
-_PAD_PAIR_SIM = tl.constexpr(2.0)  # as ops.merge: pad-pad above any cosine, pad-real below
-_PAD_REAL_SIM = tl.constexpr(-2.0)
-_PAD_ENERGY = tl.constexpr(1.0e4)
+_PAD_PAIR_SIM = tl.constexpr(reference._PAD_PAIR_SIM)  # ops.merge's padding stand-ins, as constexprs
+_PAD_REAL_SIM = tl.constexpr(reference._PAD_REAL_SIM)
+_PAD_ENERGY = tl.constexpr(reference._PAD_ENERGY)
 _LAST_KEY = tl.constexpr(-(1 << 62))  # below every packed key: masked lanes sort last (descending)
 _INDEX_BITS = tl.constexpr(16)  # tokens per sequence < 2**16
 _INDEX_MASK = tl.constexpr((1 << 16) - 1)
@@ -61,7 +63,8 @@ def _similarity(u_rows, u_cols, v_rows, v_cols, PADDING_SAFE: tl.constexpr, BROA
 
     `BROADCAST_DOT` (the interpreter) sums products instead of calling `tl.dot`, which the
     interpreter hands to numpy's BLAS, whose rounding of a row depends on its position: equal
-    rows would then lose their exact ties. A GPU's FP32 dot rounds every row alike."""
+    rows would then lose their exact ties. On a GPU, Triton's IEEE FP32 dot computes every output
+    element with the same FMA chain (not checked on a GPU here: the device check compares)."""
     if BROADCAST_DOT:
         sim = tl.sum(u_rows[:, None, :] * u_cols[None, :, :], axis=2)
     else:
