@@ -17,7 +17,8 @@ margin: ~100 compiles in all); a first stage compiles them in parallel worker pr
 fill Triton's on-disk cache for the measuring process.
 
 Writes `device_check.json` and `device_check.md` after every stage (a run cut short keeps what it
-measured) and the grid's `gpu_latency.md/.json` per model under `--out`. Exits 4 without CUDA.
+measured) and the grid's `gpu_latency.md/.json` per model under `--out`. A stage that fails is
+recorded and the others still run (exit 1); exits 4 without CUDA.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import multiprocessing
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -77,15 +79,24 @@ def _step_inputs(tokens: int, channels: int, width: int, padded: bool, batch: in
     return [t if t is None else t.to(device) for t in (x, size, metric, valid)]
 
 
-def _warm(task: tuple) -> str:
-    """One worker's share of the compilation: a forward pass of one model in one precision, or the steps."""
+def _warm(task: tuple) -> dict:
+    """One worker's share of the compilation: a forward pass of one model in one precision, or the
+    steps. A failure is reported, not raised: the measuring stages then compile what they need."""
     device = torch.device("cuda")
-    if task[0] == "steps":
-        check_steps(device, batch=2)
-        return "steps"
-    _, name, ratio, seq_len, precision = task
-    _forward_fused(name, ratio, seq_len, precision, device)
-    return f"{name} {precision}"
+    began = time.perf_counter()
+    try:
+        if task[0] == "steps":
+            check_steps(device, batch=2)
+        else:
+            _forward_fused(*task[1:], device)
+        result = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported in the record
+        result = f"failed: {_error(exc)}"
+    return {"task": " ".join(map(str, task)), "result": result, "seconds": round(time.perf_counter() - began, 1)}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _forward_fused(name: str, ratio: float, seq_len: int | None, precision: str, device: torch.device) -> None:
@@ -102,7 +113,7 @@ def _forward_fused(name: str, ratio: float, seq_len: int | None, precision: str,
         wrapped(*(feeds[n].to(device) for n in signature.input_names))
 
 
-def precompile(workers: int) -> list[str]:
+def precompile(workers: int) -> list[dict]:
     """Compile every kernel the later stages launch, in parallel processes (Triton's disk cache)."""
     tasks = [("steps",)] + [
         ("model", name, ratio, seq_len, precision)
@@ -177,7 +188,7 @@ def check_layer(device: torch.device) -> dict:
             expected, _ = merge(x, size, metric)
         result["torch_compile_fullgraph"] = "ok" if torch.equal(out, expected) else "ran, different output"
     except Exception as exc:  # noqa: BLE001 - recorded, the other checks go on
-        result["torch_compile_fullgraph"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        result["torch_compile_fullgraph"] = f"failed: {_error(exc)}"
     return result
 
 
@@ -257,7 +268,7 @@ def judge_targets(rows: list[dict]) -> list[dict]:
 def markdown(record: dict) -> str:
     """The record for people: one table per stage."""
     lines = ["# Fused merge: device check", "", f"`{record['command']}` on {record['device']}", ""]
-    for stage in ("steps", "layer", "models", "targets"):
+    for stage in ("compiled", "steps", "layer", "models", "grid", "targets"):
         value = record.get(stage)
         if value is None:
             continue
@@ -301,16 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         stages.insert(0, ("compiled", lambda device: precompile(args.compile_workers)))
     if not args.skip_grid:
         stages.append(("grid", lambda device: run_grid(args.out, args.runs, print)))
+    failed = []
     for stage, run in stages:
         began = time.perf_counter()
         print(f"device check: {stage}", flush=True)
-        record[stage] = run(device)
+        try:
+            record[stage] = run(device)
+        except Exception as exc:  # noqa: BLE001 - one stage's failure must not cost the others' GPU time
+            traceback.print_exc()
+            record[stage], stage = {"error": _error(exc)}, f"{stage} (failed)"
+            failed.append(stage)
         record["seconds"][stage] = round(time.perf_counter() - began, 1)
         if stage == "grid":
             record["targets"] = judge_targets(record.pop("grid"))
         _write(args.out, record)
     print(markdown(record))
-    return 0
+    return 1 if failed else 0
 
 
 def _write(out: Path, record: dict) -> None:
