@@ -35,12 +35,14 @@ class KernelCase:
     padded: bool = False
     dtype: str = "float32"
     split_energy: bool = True  # False: energies inside the one merge kernel, as TensorRT's AOT plugin runs it
+    gpu_dot: bool = False  # the GPU's tl.dot similarity (numpy's BLAS here: no exact ties, so no duplicates)
     seed: int = 0
 
     @property
     def name(self) -> str:
         extras = [flag for flag in ("duplicates", "padded") if getattr(self, flag)]
         extras += [] if self.split_energy else ["inline"]
+        extras += ["tl.dot"] if self.gpu_dot else []
         extras += [] if self.dtype == "float32" else [self.dtype]
         return "-".join([self.kind, f"b{self.batch}", f"n{self.tokens}", f"p{self.prefix}", f"r{self.r}", *extras])
 
@@ -67,6 +69,9 @@ CASES = [
     KernelCase("pitome", 3, 40, 2, 9, duplicates=True, split_energy=False),
     KernelCase("pitome_bsm", 2, 197, 1, 40, split_energy=False),
     KernelCase("pitome_text", 3, 40, 1, 10, duplicates=True, padded=True, split_energy=False),
+    KernelCase("pitome_bsm", 2, 70, 1, 20, gpu_dot=True),
+    KernelCase("pitome_text", 2, 70, 1, 20, padded=True, gpu_dot=True, split_energy=False),
+    KernelCase("tome", 2, 70, 2, 20, padded=True, gpu_dot=True),
 ]
 
 MODEL_FAMILIES = ("vit", "text")
@@ -142,12 +147,18 @@ def run_case(case: KernelCase) -> dict:
     step = MergeStep(case.kind, case.r, 0.7 if case.kind == "pitome_text" else 0.6)
     ref_x, ref_size, ref_slots = _reference(x.float(), size.float(), metric, valid, step, case.prefix)
     double = _reference(x.double(), size.double(), metric.double(), valid, step, case.prefix)
-    with LaunchCounter() as counter:
-        start = time.perf_counter()
-        out_x, out_size, slots = launch.token_merge_with_slots(
-            x, size, metric, valid, step, case.prefix, with_slots=True, split_energy=case.split_energy
-        )
-        seconds = time.perf_counter() - start
+    constants = launch.kernel_constants
+    if case.gpu_dot:  # the kernels' GPU similarity code path (tl.dot), which the interpreter otherwise avoids
+        launch.kernel_constants = lambda *args: {**constants(*args), "BROADCAST_DOT": False}
+    try:
+        with LaunchCounter() as counter:
+            start = time.perf_counter()
+            out_x, out_size, slots = launch.token_merge_with_slots(
+                x, size, metric, valid, step, case.prefix, with_slots=True, split_energy=case.split_energy
+            )
+            seconds = time.perf_counter() - start
+    finally:
+        launch.kernel_constants = constants
     return {
         "name": case.name,
         "decisive": torch.equal(double[2], ref_slots),
