@@ -2,12 +2,17 @@
 
     python -m benchmarks.gpu_latency                      # the grid of benchmarks.latency, on CUDA
     python -m benchmarks.gpu_latency --models deit_small --batches 64
+    python -m benchmarks.gpu_latency --merge-impls fused --no-merge-share
 
 The CPU harness (benchmarks.latency) times exported graphs in ONNX Runtime; this one times the
 patched PyTorch modules where ML engineers often serve them first: on the GPU, FP32 and FP16
 (autocast), each both as plain eager calls and replayed as a CUDA graph. The frozen schedule makes
 every shape static, so a merged model captures like any other; eager calls show what the merge's
-small kernels cost in launches, the graph what it costs on the GPU itself. Every candidate of a
+small kernels cost in launches, the graph what it costs on the GPU itself. Each merged variant
+runs with the decomposed merge (`<algo>@<ratio>`, ~50 small kernels per merging layer) and the
+fused one (`... fused`, one Triton kernel per layer: `ops.kernels`), beside the same model with
+every merge step replaced by keeping the first N - r tokens (`... (merge skipped)`): the merge's
+share of the merged model's time is 1 - skipped / merged (in graph mode: of its GPU time). Every candidate of a
 model and batch size runs in one interleaved series (synchronised wall time per call); speed-up =
 unmerged median / candidate median in the same precision and mode, beside the block-FLOP ideal.
 `--device cpu` runs the eager FP32 part on the CPU (a smoke test; the CPU figures that matter come
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import platform
 import shlex
@@ -28,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import ALGOS, FULL, RESULTS, merged_variants
+from benchmarks.latency import ALGOS, FULL, RESULTS, SKIPPED, merged_variants, without_merge
 from pipelines.cli import positive_int
 
 MODES = ("eager", "graph")
 PRECISIONS = ("fp32", "fp16")
+MERGE_IMPLS = ("decomposed", "fused")
 
 
 def _runner(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], half: bool, mode: str) -> Callable[[], None]:
@@ -74,6 +81,30 @@ def _timed(run: Callable[[], None], device: torch.device) -> Callable[[], float]
     return call
 
 
+def model_variants(model, kind: str, case, algos: tuple[str, ...], impls: tuple[str, ...], merge_share: bool):
+    """{candidate name: (module, block-FLOP ideal, decomposed variant it belongs to)}: unmerged, then
+    each algo@ratio with every merge implementation, and its merge-skipped twin if `merge_share`."""
+    from ops import repatch
+
+    variants = {"unmerged": (model, 1.0, None)}
+    for name, merged, ideal in merged_variants(model, kind, case, algos):
+        for impl in impls:
+            fused = impl == "fused"
+            module = repatch(copy.deepcopy(merged), merge_impl="fused") if fused else merged
+            variants[f"{name} fused" if fused else name] = (module, ideal, name)
+        if merge_share:
+            variants[f"{name} {SKIPPED}"] = (without_merge(merged), ideal, name)
+    return variants
+
+
+def merge_share(stats: dict, candidate: str, base: str, flavour: str) -> float | None:
+    """The merge's share of `candidate`'s median time: 1 - (its merge-skipped twin) / (it), or None."""
+    skipped = stats.get(f"{flavour} {base} {SKIPPED}")
+    if base is None or skipped is None or candidate.endswith(SKIPPED):
+        return None
+    return 1.0 - skipped.median_ms / stats[f"{flavour} {candidate}"].median_ms
+
+
 def run_model(
     case,
     batches: tuple[int, ...],
@@ -82,6 +113,8 @@ def run_model(
     runs: int,
     device: torch.device,
     log,
+    impls: tuple[str, ...] = ("decomposed",),
+    with_share: bool = False,
 ) -> list[dict]:
     """Every batch size of one model of the grid: all variants x `flavours` (precision, mode), interleaved."""
     from exporter.latency import time_interleaved
@@ -91,10 +124,8 @@ def run_model(
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
     signature = signature_of(model, case.seq_len)
-    variants = {"unmerged": (model, 1.0)}
-    for name, merged, ideal in merged_variants(model, spec.kind, case, algos):
-        variants[name] = (merged, ideal)
-    modules = {name: ExportWrapper(m, signature).eval().to(device) for name, (m, _) in variants.items()}
+    variants = model_variants(model, spec.kind, case, algos, impls, with_share)
+    modules = {name: ExportWrapper(m, signature).eval().to(device) for name, (m, _, _) in variants.items()}
     rows = []
     for batch in batches:
         feeds = signature.example_inputs(batch, seed=0)
@@ -125,6 +156,8 @@ def run_model(
                     "throughput": s.throughput,
                     "speedup": base.median_ms / s.median_ms,
                     "block_flop_ideal": variants[name][1],
+                    "merge_impl": "fused" if name.endswith(" fused") else None if name == "unmerged" else "decomposed",
+                    "merge_share": merge_share(stats, name, variants[name][2], f"{precision} {mode}"),
                 }
             )
         del candidates  # frees the captured graphs' memory before the next batch size
@@ -141,7 +174,16 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         "cuda": torch.version.cuda,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "triton": _triton_version(),
     }
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
 
 
 def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
@@ -182,19 +224,40 @@ def markdown(rows: list[dict], env: dict, command: str, seconds: float) -> str:
                 + " | ".join(f"{cell[n]['speedup']:.2f}x" for n in present)
                 + " |"
             )
-        lines.append("")
+        lines += ["", *_share_lines(model_rows)]
     return "\n".join(lines)
+
+
+def _share_lines(model_rows: list[dict]) -> list[str]:
+    """The merge's share of each merged candidate's time, one line per batch/precision/mode (if measured)."""
+    shared = [r for r in model_rows if r.get("merge_share") is not None]
+    if not shared:
+        return []
+    lines = ["Merge share of the merged model's time (1 - merge-skipped / merged; graph mode = GPU time):", ""]
+    for key in dict.fromkeys((r["batch"], r["precision"], r["mode"]) for r in shared):
+        cells = [
+            f"{r['candidate']} {100 * r['merge_share']:.1f}%"
+            for r in shared
+            if (r["batch"], r["precision"], r["mode"]) == key
+        ]
+        lines.append(f"- batch {key[0]} {key[1]} {key[2]}: " + ", ".join(cells))
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_latency", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
     parser.add_argument("--ratios", nargs="+", type=float, default=None, help="these ratios instead of the grid's")
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, default=None, help="only these text lengths")
     parser.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 64])
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None, help="default: all")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: all")
     parser.add_argument("--runs", type=positive_int, default=50)
+    parser.add_argument("--merge-impls", nargs="+", choices=MERGE_IMPLS, default=None,
+                        help="merge implementations per merged variant (default: both on CUDA, decomposed on CPU)")  # fmt: skip
+    parser.add_argument("--no-merge-share", dest="merge_share", action="store_false",
+                        help="skip the merge-skipped twins that measure the merge's share of the time")  # fmt: skip
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu", help="folder for gpu_latency.md/.json")
     args = parser.parse_args(argv)
@@ -206,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         if set(args.precisions or ["fp32"]) != {"fp32"} or set(args.modes or ["eager"]) != {"eager"}:
             parser.error("--device cpu times fp32 eager only")
+        if "fused" in (args.merge_impls or ()):
+            parser.error("--merge-impls fused runs the Triton kernels on CUDA: not with --device cpu")
+        args.merge_impls = args.merge_impls or ["decomposed"]
         flavours = [("fp32", "eager")]
     else:
         if not torch.cuda.is_available():
             parser.exit(4, "error: no CUDA device visible to PyTorch (use --device cpu for a CPU smoke run)\n")
         flavours = [(p, m) for p in args.precisions or PRECISIONS for m in args.modes or MODES]
+        args.merge_impls = args.merge_impls or list(MERGE_IMPLS)
     from rich.console import Console
 
     from benchmarks.latency import write_results
@@ -220,14 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     cases = tuple(
         case if args.ratios is None else dataclasses.replace(case, ratios=tuple(args.ratios))
         for case in FULL
-        if args.models is None or case.model in args.models
+        if (args.models is None or case.model in args.models)
+        and (args.seq_lens is None or case.seq_len is None or case.seq_len in args.seq_lens)
     )
     env = environment(device)
     command = shlex.join(["python", "-m", "benchmarks.gpu_latency", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
     rows: list[dict] = []
     for case in cases:
-        rows += run_model(case, tuple(args.batches), flavours, tuple(args.algos), args.runs, device, console.print)
+        rows += run_model(
+            case, tuple(args.batches), flavours, tuple(args.algos), args.runs, device, console.print,
+            tuple(args.merge_impls), args.merge_share,
+        )  # fmt: skip
         text = markdown(rows, env, command, time.perf_counter() - start)
         write_results(
             args.out, "gpu_latency", text, command, env, rows, []

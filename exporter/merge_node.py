@@ -3,7 +3,9 @@
 `--merge-impl plugin` exports each merging layer's whole step (similarity, energy, ranking,
 matching, weighted merge) as a single node that TensorRT runs through the plugin in
 `exporter.tensorrt.plugin`. The node carries `plugin_namespace` / `plugin_version`, which is how
-TensorRT's ONNX parser finds a registered plugin by the node's op type.
+TensorRT's ONNX parser finds a registered plugin by the node's op type, and `aot=1`, which asks
+the parser for the plugin's ahead-of-time implementation (the Triton kernel's PTX in the engine;
+set it to 0 for the runtime Python path).
 
 ONNX Runtime has no kernel for it, so `reference_model` rewrites the nodes to the custom-op
 domain of onnxruntime-extensions, whose Python op runs `ops.merge.token_merge_op` on the CPU:
@@ -38,6 +40,7 @@ def _schema(op_type: str, masked: bool) -> OpSchema:
     attributes += [
         OpSchema.Attribute(name, OpSchema.AttrType.STRING, "") for name in ("plugin_namespace", "plugin_version")
     ]
+    attributes.append(OpSchema.Attribute("aot", OpSchema.AttrType.INT, "1: TensorRT's ahead-of-time plugin"))
     return OpSchema(
         op_type, DOMAIN, 1,
         doc="PiToMe/ToMe merge step: x [B,N,C], size [B,N,1], metric [B,N,d] (, valid [B,N]) -> x' [B,N-r,C], size' [B,N-r,1]",
@@ -65,7 +68,7 @@ def _translate(x, size, metric, valid, kind: str, r: int, margin: float, num_pre
     op = getattr(opset, OP_TYPES[valid is not None])
     return op(
         *inputs, kind=kind, r=r, margin=margin, num_prefix=num_prefix,
-        plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION,
+        plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION, aot=1,
     )  # fmt: skip
 
 
@@ -77,15 +80,18 @@ def translation_table() -> dict:
 
 @contextlib.contextmanager
 def fused_merges(model: torch.nn.Module) -> Iterator[int]:
-    """Run every `TokenMerge` of `model` as the fused operator inside the block; yields how many."""
+    """Run every `TokenMerge` of `model` as the fused operator inside the block; yields how many.
+
+    Each merge gets its own setting back afterwards (a model patched with `merge_impl="fused"` stays fused)."""
     merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
+    before = [merge.fused for merge in merges]
     for merge in merges:
         merge.fused = True
     try:
         yield len(merges)
     finally:
-        for merge in merges:
-            merge.fused = False
+        for merge, fused in zip(merges, before):
+            merge.fused = fused
 
 
 def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -94,7 +100,7 @@ def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _reference_kernel(masked: bool):
-    def kernel(x, size, metric, *rest, kind, r, margin, num_prefix, plugin_namespace="", plugin_version=""):
+    def kernel(x, size, metric, *rest, kind, r, margin, num_prefix, plugin_namespace="", plugin_version="", aot=0):
         valid = torch.from_numpy(np.asarray(rest[0])) if masked else None
         as_torch = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, size, metric))
         with torch.no_grad():
@@ -117,7 +123,9 @@ def _register_reference_ops() -> str:
         ) from None
     kinds = {str: PyCustomOpDef.dt_string, int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float}
     attrs = {name: kinds[kind] for name, kind in ATTRIBUTES.items()}
-    attrs.update(plugin_namespace=PyCustomOpDef.dt_string, plugin_version=PyCustomOpDef.dt_string)
+    attrs.update(
+        plugin_namespace=PyCustomOpDef.dt_string, plugin_version=PyCustomOpDef.dt_string, aot=PyCustomOpDef.dt_int64
+    )
     for masked, op_type in OP_TYPES.items():
         inputs = [PyCustomOpDef.dt_float] * (4 if masked else 3)
         outputs = [PyCustomOpDef.dt_float, PyCustomOpDef.dt_float]

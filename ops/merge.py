@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 LOWERINGS = ("matmul", "scatter")
+MERGE_IMPLS = ("decomposed", "fused")  # TokenMerge's modules, or the one `pitome::token_merge` operator
 STEP_KINDS = ("pitome", "pitome_bsm", "tome", "pitome_text")
 
 # Stand-ins for the similarity of pairs that involve padding (cosine lies in [-1, 1]).
@@ -354,9 +355,19 @@ def token_merge_op(
     """The whole merge step as one operator (`torch.ops.pitome.token_merge`).
 
     Export maps it to a single `pitome::TokenMerge` node that a TensorRT plugin implements;
-    in PyTorch it runs the same `merge_assignment` and `size_weighted_merge` as `TokenMerge`.
+    in PyTorch it runs the same `merge_assignment` and `size_weighted_merge` as `TokenMerge`
+    on the CPU, and the fused Triton kernel (`ops.kernels`) on CUDA.
     """
     return size_weighted_merge(x, size, merge_assignment(metric, MergeStep(kind, r, margin), num_prefix, valid))
+
+
+@token_merge_op.register_kernel("cuda")
+def _token_merge_cuda(x, size, metric, valid, kind, r, margin, num_prefix):
+    """On CUDA the operator is the fused Triton kernel of `ops.kernels` (one launch per step,
+    same decisions); imported here, on first use, so that CPU-only use never imports triton."""
+    from ops.kernels import token_merge
+
+    return token_merge(x, size, metric, valid, MergeStep(kind, r, margin), num_prefix)
 
 
 @token_merge_op.register_fake
@@ -372,7 +383,7 @@ class TokenMerge(torch.nn.Module):
     size-weighted mean; export prefixes their nodes with `<module path>.assign/` and
     `.combine/`, which is how reduced-precision passes find the nodes to keep in FP32.
     With `fused` set, the step runs as the single `pitome::token_merge` operator instead
-    (same numbers), which export emits as one plugin node.
+    (same numbers), which export emits as one plugin node and CUDA runs as one Triton kernel.
     """
 
     def __init__(self, step: MergeStep, num_prefix: int) -> None:

@@ -116,9 +116,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, merging: argparse._ArgumentG
                          help="proportional attention (default: off for pitome, on for tome)")  # fmt: skip
     merging.add_argument("--no-prop-attn", dest="prop_attn", action="store_false")
     out = parser.add_argument_group("export")
-    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter", "plugin"), default="matmul",
-                     help="merge lowering: one-hot MatMul (default, plugin-free), ScatterElements add, or one "
-                     "pitome::TokenMerge node per layer for the TensorRT plugin (export only)")  # fmt: skip
+    out.add_argument("--merge-impl", dest="lowering", choices=("matmul", "scatter", "plugin", "fused"),
+                     default="matmul", help="merge lowering: one-hot MatMul (default, plugin-free), ScatterElements "
+                     "add, one pitome::TokenMerge node per layer for the TensorRT plugin, or fused: those nodes and "
+                     "the PyTorch model on CUDA running the fused Triton merge kernels (export only)")  # fmt: skip
     out.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
     validation = parser.add_argument_group("validation")
     validation.add_argument("--device", choices=("cpu", "cuda"), default=None, help="PyTorch reference device")
@@ -289,9 +290,10 @@ def _dispatch(args: argparse.Namespace, console) -> int:
 
         print_inspection(args.onnx_file, console)
     else:
-        from pipelines.export_job import ExportJob, check_target, run_job
+        from pipelines.export_job import ExportJob, check_merge_impl, check_target, run_job
 
         check_target(args.target)  # before any heavy import: missing backends fail in well under 5 s
+        check_merge_impl(args.lowering)
         ratio = None if args.schedule is not None else (args.ratio if args.ratio is not None else 0.9)
         job = ExportJob(
             model=args.model,

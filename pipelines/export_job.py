@@ -78,8 +78,8 @@ class ExportJob:
 
     @property
     def fused(self) -> bool:
-        """`--merge-impl plugin`: each merge step exported as one `pitome::TokenMerge` node."""
-        return self.lowering == "plugin"
+        """`--merge-impl plugin` or `fused`: each merge step exported as one `pitome::TokenMerge` node."""
+        return self.lowering in ("plugin", "fused")
 
     @property
     def patch_lowering(self) -> str:
@@ -126,6 +126,18 @@ def check_target(target: str) -> None:
         require_cuda()
 
 
+def check_merge_impl(lowering: str) -> None:
+    """`--merge-impl fused` runs the Triton merge kernels: fail fast (exit 4) without a CUDA device."""
+    if lowering != "fused":
+        return
+    import torch
+
+    from exporter.errors import MissingBackendError
+
+    if not torch.cuda.is_available():
+        raise MissingBackendError("--merge-impl fused runs the Triton merge kernels on a CUDA GPU; PyTorch sees none")
+
+
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
     from exporter.quantize import FFN_OUT_PRECISIONS, INT8_MODES, PRECISIONS
@@ -155,6 +167,8 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError("TensorRT builds INT8 engines from the static QDQ graph: drop --int8-mode dynamic")
     if job.precision == "bf16" and job.target != "trt":
         raise PitomeError("--precision bf16 is a TensorRT engine precision: use it with --target trt")
+    if job.lowering == "fused" and job.device == "cpu":
+        raise PitomeError("--merge-impl fused runs the PyTorch model on CUDA: drop --device cpu")
     if job.fused and job.precision == "int8":
         raise PitomeError("--merge-impl plugin does not combine with int8: calibration runs the graph on ONNX Runtime")
     if job.fused and job.precision == "fp16" and job.target == "onnx":
@@ -244,6 +258,7 @@ def run_job(job: ExportJob, console) -> Path:
     from pipelines.stages import run_stages
 
     check_target(job.target)
+    check_merge_impl(job.lowering)
     spec = resolve(job.model)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")

@@ -105,7 +105,8 @@ def patch(ctx: JobContext) -> None:
         text_kwargs = {"seq_len": ctx.seq_len} if spec.kind == "text" else {}
         patch_model(
             ctx.model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
-            lowering=job.patch_lowering, **text_kwargs,
+            lowering=job.patch_lowering, merge_impl="fused" if job.lowering == "fused" else "decomposed",
+            **text_kwargs,
         )  # fmt: skip
         ctx.signature = signature_of(ctx.model, ctx.seq_len)
         ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data else None

@@ -292,3 +292,67 @@ def test_latency_harness_writes_one_model_of_the_grid(tmp_path, monkeypatch, qui
     assert json.loads((tmp_path / f"{model}.json").read_text())["rows"] == [row]
     assert f"| {model} | onnxruntime-cpu | unmerged |" in (tmp_path / f"{model}.md").read_text()
     assert not (tmp_path / "latency.md").exists()  # the combined table belongs to a whole-grid run
+
+
+def test_gpu_harness_records_the_merge_share_on_cpu():
+    """The merge-skipped twin of a merged variant gives the merge's share of its time."""
+    from benchmarks.gpu_latency import markdown, run_model
+    from benchmarks.latency import SKIPPED, Case
+
+    case = Case("test_vit", (0.9,), (2,))
+    rows = run_model(
+        case, (2,), [("fp32", "eager")], ("pitome",), 2, torch.device("cpu"), lambda _: None, ("decomposed",), True
+    )
+    by_name = {r["candidate"]: r for r in rows}
+    assert set(by_name) == {"unmerged", "pitome@0.9", f"pitome@0.9 {SKIPPED}"}
+    merged, skipped = by_name["pitome@0.9"], by_name[f"pitome@0.9 {SKIPPED}"]
+    assert merged["merge_share"] == pytest.approx(1 - skipped["median_ms"] / merged["median_ms"])
+    assert merged["merge_impl"] == "decomposed" and skipped["merge_share"] is None
+    assert by_name["unmerged"]["merge_impl"] is None
+    assert "- batch 2 fp32 eager: pitome@0.9 " in markdown(rows, {"device": "test"}, "cmd", 1.0)
+
+
+def test_gpu_harness_fused_needs_cuda(capsys):
+    from benchmarks.gpu_latency import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--merge-impls", "fused"])
+    assert exit_info.value.code == 2
+    assert "runs the Triton kernels on CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="covers machines without CUDA")
+def test_device_check_without_cuda_exits_4_with_one_line(capsys, tmp_path):
+    from benchmarks.device_check import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: no CUDA device visible to PyTorch: the device check runs the fused kernels on a GPU"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_check_judges_the_targets_on_the_fused_graph_rows():
+    from benchmarks.device_check import judge_targets
+
+    def row(impl, speedup, share, mode="graph"):
+        return {"model": "deit_small", "precision": "fp16", "batch": 64, "mode": mode, "merge_impl": impl,
+                "speedup": speedup, "merge_share": share}  # fmt: skip
+
+    verdicts = judge_targets([row("fused", 1.7, 0.08), row("decomposed", 0.8, 0.5), row("fused", 0.1, 0.9, "eager")])
+    first = verdicts[0]
+    assert first["target"] == "deit_small fp16 batch 64 >= 1.6x"
+    assert (first["fused_speedup"], first["decomposed_speedup"], first["met"]) == (1.7, 0.8, True)
+    assert first["merge_share_met"] is False  # 8% > 5%
+    assert all(v["met"] is None for v in verdicts[1:])  # not measured: no verdict
+
+
+def test_device_check_rejects_bad_arguments(capsys):
+    from benchmarks.device_check import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", "0"])
+    assert exit_info.value.code == 2
+    assert "--runs must be >= 1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ops.errors import UnsupportedModelError
-from ops.merge import LOWERINGS
+from ops.merge import LOWERINGS, MERGE_IMPLS, TokenMerge
 from ops.patch import hf_text, timm_vit
 from ops.schedule import TokenSchedule, build_schedule
 
@@ -55,17 +55,22 @@ def patch_model(
     seq_len: int | None = None,
     flavor: str | None = None,
     padding_safe: bool = True,
+    merge_impl: str = "decomposed",
 ) -> torch.nn.Module:
     """Patch `model` in place with token merging and return it.
 
     `ratio` (fraction of tokens kept per merging layer) or an explicit `schedule` (tokens merged
     per layer) is frozen into `model.token_schedule`. `prop_attn` defaults to the reference's
     choice (off for PiToMe, on for ToMe on vision models). Text models need a fixed `seq_len` (default 128);
-    `padding_safe=False` reproduces the reference's padding behaviour. Calling it again
-    re-patches; `unpatch_model` restores the original model.
+    `padding_safe=False` reproduces the reference's padding behaviour. `merge_impl="fused"` runs
+    each merge step as the one `pitome::token_merge` operator: on CUDA the fused Triton kernel
+    (`ops.kernels`), elsewhere the same decomposed code. Calling it again re-patches;
+    `unpatch_model` restores the original model.
     """
     if lowering not in LOWERINGS:
         raise UnsupportedModelError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    if merge_impl not in MERGE_IMPLS:
+        raise UnsupportedModelError(f"unknown merge_impl {merge_impl!r}; choose one of {', '.join(MERGE_IMPLS)}")
     if schedule is not None:
         ratio = None
     unpatch_model(model)
@@ -99,12 +104,16 @@ def patch_model(
         steps = hf_text.layer_steps(token_schedule, algo, lowering)
         hf_text.patch(model, steps, padding_safe, seq_len)
         config = {"seq_len": seq_len, "padding_safe": padding_safe}
+    for merge in model.modules():
+        if isinstance(merge, TokenMerge):
+            merge.fused = merge_impl == "fused"
     model.token_schedule = token_schedule
     model.merge_config = {
         "algo": algo,
         "ratio": ratio,
         "prop_attn": prop_attn,
         "lowering": lowering,
+        "merge_impl": merge_impl,
         "family": family,
         "steps": [step.kind if step.r else "none" for step in steps],
         **config,
@@ -120,7 +129,7 @@ def repatch(model: torch.nn.Module, **changes: object) -> torch.nn.Module:
         kwargs.update(ratio=None, schedule=list(model.token_schedule.merges))
     else:
         kwargs["ratio"] = cfg["ratio"]
-    kwargs.update({key: cfg[key] for key in ("seq_len", "padding_safe", "flavor") if key in cfg})
+    kwargs.update({key: cfg[key] for key in ("seq_len", "padding_safe", "flavor", "merge_impl") if key in cfg})
     kwargs.update(changes)
     return patch_model(model, **kwargs)
 
