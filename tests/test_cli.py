@@ -248,3 +248,25 @@ def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
     finally:
         interrupts.INTERRUPTED.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_in_process_cli_reads_like_a_subprocess(monkeypatch):
+    """tests.cli_helpers.cli, which most tests here use: the exit code from main's return value or a
+    SystemExit, and both streams captured at the file-descriptor level (native libraries' writes too)."""
+    from pipelines import cli as cli_module
+
+    def fake_main(argv):
+        print("python stdout")
+        print("python stderr", file=sys.stderr)
+        os.write(1, b"native stdout\n")
+        os.write(2, b"native stderr\n")
+        if argv == ["usage"]:
+            raise SystemExit(2)
+        return 3
+
+    monkeypatch.setattr(cli_module, "main", fake_main)
+    for argv, code in ((["run"], 3), (["usage"], 2)):
+        result = cli(*argv)
+        assert result.returncode == code
+        assert result.stdout.splitlines() == ["python stdout", "native stdout"]
+        assert result.stderr.splitlines() == ["python stderr", "native stderr"]
