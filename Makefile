@@ -33,11 +33,12 @@ optimum-site: .optimum-site/.done
 	$(BIN)/pip install -q --no-deps --target .optimum-site -r tests/optimum/requirements.txt
 	@touch $@
 
+# --durations: the slowest tests are printed with every run, so a slow new test shows at once.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-heavy: install
-	PITOME_HEAVY=1 $(BIN)/pytest -q
+	PITOME_HEAVY=1 $(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check ops exporter pipelines tests benchmarks

@@ -331,15 +331,29 @@ def write_reports(ctx: JobContext, summary: dict) -> None:
     atomic_write_text(out / "report.md", report.markdown(summary, ctx.spec))
 
 
+@contextlib.contextmanager
+def torch_settings(threads: int, seed: int | None = None) -> Iterator[None]:
+    """Inside the block PyTorch uses `threads` intra-op threads and (with `seed`) a seeded global
+    generator; both are as they were after it, so a job leaves its caller's process unchanged."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
     """Run every stage into `out` and write the reports; return the summary."""
-    import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    torch.set_num_threads(job.threads)
-    torch.manual_seed(job.seed)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
-    with progress, tempfile.TemporaryDirectory(prefix="pitome-scratch-") as scratch:
+    with torch_settings(job.threads, job.seed), progress, tempfile.TemporaryDirectory(prefix="pitome-") as scratch:
         ctx = JobContext(job, spec, out, Path(scratch), console, progress)
         for stage in STAGES:
             stage(ctx)

@@ -19,7 +19,7 @@ from exporter.errors import ParityError
 from pipelines.export_job import ExportJob, build_output_folder
 from pipelines.models import resolve
 from pipelines.report import random_init_banner
-from pipelines.stages import open_data
+from pipelines.stages import open_data, torch_settings
 
 
 @dataclass
@@ -33,7 +33,8 @@ class SweepJob(ExportJob):
 
 def run_sweep(job: SweepJob, console) -> Path:
     spec = resolve(job.model)
-    final, result = build_output_folder(job, lambda tmp: _sweep(job, spec, tmp, console))
+    with torch_settings(job.threads):
+        final, result = build_output_folder(job, lambda tmp: _sweep(job, spec, tmp, console))
     console.print(f"[bold]Report:[/] {final / 'report.md'}  [bold]Plot:[/] {final / 'tradeoff.png'}")
     failed = [p for p in result["points"] if not p["parity_passed"]]
     if failed:
@@ -43,7 +44,6 @@ def run_sweep(job: SweepJob, console) -> Path:
 
 
 def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
-    import torch
     from rich.progress import Progress
 
     from exporter.latency import time_interleaved
@@ -57,7 +57,6 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
     from pipelines.benchmark import flops_summary
     from pipelines.models import load_model
 
-    torch.set_num_threads(job.threads)
     grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
     seq_len = job.seq_len or spec.seq_len
     text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}

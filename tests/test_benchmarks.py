@@ -23,15 +23,11 @@ def test_interleaving_rotates_and_counts():
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after warm-up, the first one alternates
 
 
-def test_profile_splits_merge_from_model(tmp_path):
-    from exporter.onnx_export import export_onnx
+def test_profile_splits_merge_from_model(deit_pitome_export):
     from exporter.profiling import profile_ort
     from exporter.signatures import signature_of
-    from ops import patch_model
-    from tests.models import small_vit
 
-    model = patch_model(small_vit("deit"), ratio=0.9)
-    path = export_onnx(model, None, tmp_path / "m.onnx")
+    model, path = deit_pitome_export.model(), deit_pitome_export.path  # small DeiT, PiToMe 0.9 (conftest)
     feeds = {k: v.numpy() for k, v in signature_of(model).example_inputs(2).items()}
     profile = profile_ort(path, feeds, runs=3)
     parts = profile["by_part_ms"]
@@ -42,27 +38,23 @@ def test_profile_splits_merge_from_model(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["deit", "bert"])
-def test_merge_skipped_model_keeps_the_schedule_without_the_merge(family, tmp_path):
+def test_merge_skipped_model_keeps_the_schedule_without_the_merge(family, tmp_path, request):
     """The end-to-end merge cost compares against a graph of the same shapes with no merge work."""
     import onnx
 
     from benchmarks.latency import KeepFirst, without_merge
     from exporter.onnx_export import export_onnx
-    from ops import patch_model
     from ops.merge import TokenMerge
-    from tests.models import small_text, small_vit
 
     seq_len = 32 if family == "bert" else None
-    model = small_vit("deit") if family == "deit" else small_text("bert")
-    merged = patch_model(model, ratio=0.7 if seq_len else 0.9, seq_len=seq_len)
+    # small DeiT at PiToMe 0.9 / small BERT at PiToMe 0.7, seq_len 32: exported once per session (conftest)
+    shared = request.getfixturevalue("deit_pitome_export" if family == "deit" else "bert_pitome_export")
+    merged = shared.model()
     skipped = without_merge(merged)
     assert not any(isinstance(m, TokenMerge) for m in skipped.modules())
     assert any(isinstance(m, KeepFirst) for m in skipped.modules())
     assert any(isinstance(m, TokenMerge) for m in merged.modules())  # the original is untouched
-    graphs = {
-        name: export_onnx(m, None, tmp_path / f"{name}.onnx", seq_len=seq_len)
-        for name, m in (("merged", merged), ("skipped", skipped))
-    }
+    graphs = {"merged": shared.path, "skipped": export_onnx(skipped, None, tmp_path / "skipped.onnx", seq_len=seq_len)}
     ops_of = {name: {node.op_type for node in onnx.load(path).graph.node} for name, path in graphs.items()}
     shapes = {
         name: [d.dim_value for d in onnx.load(path).graph.output[0].type.tensor_type.shape.dim]

@@ -1,4 +1,8 @@
-"""The command line as users run it: exit codes, one-line errors, complete or absent output folders."""
+"""The command line as users run it: exit codes, one-line errors, complete or absent output folders.
+
+`cli` calls `pipelines.cli.main(argv)` in this process (tests.cli_helpers); `cli_process` starts a real
+interpreter, kept where the process is what is tested: `--help`/`--version` and a missing backend
+failing fast (before any heavy import), Ctrl-C, and one end-to-end job."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import ROOT, cli, one_line_error
+from tests.cli_helpers import ROOT, cli, cli_process, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +34,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_help_and_version_are_fast():
     start = time.perf_counter()
-    assert cli("--help").returncode == 0
-    version = cli("--version")
+    assert cli_process("--help").returncode == 0
+    version = cli_process("--version")
     assert version.returncode == 0 and "pitome-export" in version.stdout
     assert time.perf_counter() - start < 5
-    help_text = cli("export", "--help").stdout
+    help_text = cli_process("export", "--help").stdout
     for group in ("model", "merging", "export", "validation", "benchmark", "output", "exit codes"):
         assert group in help_text
 
@@ -99,7 +103,11 @@ def test_corrupt_checkpoint_is_exit_2(tmp_path):
         )
 
 
-def test_unreachable_hub_fails_fast_with_a_hint(tmp_path):
+def test_unreachable_hub_fails_fast_with_a_hint(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HOME when it is imported: in this process, point its cache there directly
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     start = time.perf_counter()
     result = cli("test_vit", "-o", str(tmp_path / "o"), HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
     one_line_error(result, 2, "--checkpoint PATH for local weights or --random-init")
@@ -114,8 +122,8 @@ def test_trt_without_tensorrt_fails_fast_with_exit_4(tmp_path):
         pytest.skip("TensorRT is installed here; this test covers machines without it")
     except ImportError:
         pass
-    start = time.perf_counter()
-    result = cli("deit_base", "--ratio", "0.9", "--target", "trt", "-o", str(tmp_path / "o"))
+    start = time.perf_counter()  # a whole process: the check comes before torch is imported
+    result = cli_process("deit_base", "--ratio", "0.9", "--target", "trt", "-o", str(tmp_path / "o"))
     assert time.perf_counter() - start < 5
     one_line_error(result, 4, "TensorRT not installed (pip install pitome-export[trt])")
 
@@ -135,8 +143,9 @@ def test_unwritable_output_is_exit_2(tmp_path):
 
 
 def test_full_job_writes_complete_folder(tmp_path, checkpoint):
+    """The one end-to-end job in a real process, as a user runs it."""
     out = tmp_path / "art"
-    result = cli("test_vit", "--checkpoint", str(checkpoint), "--algo", "tome", "--ratio", "0.9",
+    result = cli_process("test_vit", "--checkpoint", str(checkpoint), "--algo", "tome", "--ratio", "0.9",
                  "--batch", "2", "--runs", "3", "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
@@ -239,3 +248,25 @@ def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
     finally:
         interrupts.INTERRUPTED.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_in_process_cli_reads_like_a_subprocess(monkeypatch):
+    """tests.cli_helpers.cli, which most tests here use: the exit code from main's return value or a
+    SystemExit, and both streams captured at the file-descriptor level (native libraries' writes too)."""
+    from pipelines import cli as cli_module
+
+    def fake_main(argv):
+        print("python stdout")
+        print("python stderr", file=sys.stderr)
+        os.write(1, b"native stdout\n")
+        os.write(2, b"native stderr\n")
+        if argv == ["usage"]:
+            raise SystemExit(2)
+        return 3
+
+    monkeypatch.setattr(cli_module, "main", fake_main)
+    for argv, code in ((["run"], 3), (["usage"], 2)):
+        result = cli(*argv)
+        assert result.returncode == code
+        assert result.stdout.splitlines() == ["python stdout", "native stdout"]
+        assert result.stderr.splitlines() == ["python stderr", "native stderr"]

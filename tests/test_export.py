@@ -13,10 +13,9 @@ from tests.models import small_text, small_vit
 
 
 @pytest.fixture(scope="module")
-def vision_export(tmp_path_factory):
-    model = patch_model(small_vit("deit"), algo="pitome", ratio=0.9)
-    path = export_onnx(model, None, tmp_path_factory.mktemp("v") / "model.onnx")
-    return model, path
+def vision_export(deit_pitome_export):
+    """The small DeiT, PiToMe 0.9, exported once per session (conftest), and a model identical to it."""
+    return deit_pitome_export.model(), deit_pitome_export.path
 
 
 def test_names_and_static_token_dims(vision_export):
@@ -68,9 +67,8 @@ def test_export_lowering_argument_exports_it_and_leaves_the_model_as_it_was(tmp_
     assert {block.token_merge.step.lowering for block in model.blocks} == {"matmul"}
 
 
-def test_text_export_names(tmp_path):
-    bert = patch_model(small_text("bert"), algo="pitome", ratio=0.7, seq_len=32)
-    graph = onnx.load(export_onnx(bert, None, tmp_path / "b.onnx")).graph
+def test_text_export_names(tmp_path, bert_pitome_export):
+    graph = onnx.load(bert_pitome_export.path).graph  # small BERT, PiToMe 0.7, seq_len 32
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [o.name for o in graph.output] == ["logits"]
     distil = patch_model(small_text("distilbert"), algo="tome", ratio=0.7, seq_len=32)

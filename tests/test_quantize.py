@@ -13,14 +13,13 @@ from tests.cli_helpers import cli, one_line_error
 
 
 @pytest.fixture(scope="module")
-def merged_graph(tmp_path_factory):
+def merged_graph(tmp_path_factory, deit_pitome_export):
+    """The session's small DeiT PiToMe 0.9 export (conftest; read only) and its debug export."""
     from exporter.onnx_export import export_onnx
-    from ops import patch_model
-    from tests.models import small_vit
 
     folder = tmp_path_factory.mktemp("quant")
-    model = patch_model(small_vit(), algo="pitome", ratio=0.9)
-    fp32 = export_onnx(model, None, folder / "fp32.onnx")
+    model = deit_pitome_export.model()
+    fp32 = deit_pitome_export.path
     debug = export_onnx(model, None, folder / "debug.onnx", decisions=True)
     return model, fp32, debug, folder
 

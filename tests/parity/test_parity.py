@@ -47,8 +47,12 @@ def build(model_name: str, algo: str, schedule: str, lowering: str):
     return patch_model(model, algo=algo, lowering=lowering, **kwargs)
 
 
-def run_parity(model, path):
-    export_onnx(model, None, path)
+SHARED_CASE = ("deit", "pitome", "r0.9", "matmul")  # conftest's deit_pitome_export: the same model, exported once
+
+
+def run_parity(model, path, exported: bool = False):
+    if not exported:
+        export_onnx(model, None, path)
     signature = signature_of(model)
     feeds = parity_feeds(signature, batch_sizes=(1, 4), batches_per_size=2)
     return verify_export(model, signature, path, feeds, TOLERANCES["fp32"], torch.device("cpu"), threads=2)
@@ -61,9 +65,12 @@ GRID = list(itertools.product(MODELS, ALGOS, SCHEDULES, LOWERINGS))
     ("model_name", "algo", "schedule", "lowering"),
     [pytest.param(*case, marks=() if case in CI_CASES else pytest.mark.heavy) for case in GRID],
 )
-def test_onnx_matches_pytorch(tmp_path, model_name, algo, schedule, lowering):
+def test_onnx_matches_pytorch(tmp_path, request, model_name, algo, schedule, lowering):
     model = build(model_name, algo, schedule, lowering)
-    report = run_parity(model, tmp_path / "model.onnx")
+    if (model_name, algo, schedule, lowering) == SHARED_CASE:
+        report = run_parity(model, request.getfixturevalue("deit_pitome_export").path, exported=True)
+    else:
+        report = run_parity(model, tmp_path / "model.onnx")
     assert report.samples == 10 and report.batch_sizes == [1, 4]
     (logits,) = report.outputs
     assert report.passed, report.verdict()
@@ -88,10 +95,10 @@ def test_full_size_deit_tiny(tmp_path, algo, seed):
         assert report.decisions["samples_with_flips"] >= 1 and report.decisions["forced_max_abs"] < 1e-4
 
 
-def test_wrong_export_fails_even_with_forced_decisions(tmp_path):
+def test_wrong_export_fails_even_with_forced_decisions(deit_pitome_export):
     """An export that computes something else is not excused as a near-tie."""
-    model = build("deit", "pitome", "r0.9", "matmul")
-    path = export_onnx(model, None, tmp_path / "model.onnx")
+    model = build(*SHARED_CASE)
+    path = deit_pitome_export.path  # the export of this model, made once per session (conftest)
     with torch.no_grad():
         model.head.weight.mul_(1.01)  # the PyTorch side no longer matches the graph
     signature = signature_of(model)
