@@ -69,13 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from rich.console import Console
+
+    from pipelines.stages import torch_settings
+
+    with torch_settings(args.threads, args.seed):
+        return train_head(args, Console())
+
+
+def train_head(args: argparse.Namespace, console) -> int:
+    """Embed both splits with the frozen encoder, fit the head, write it and its card; exit code."""
     from rich.progress import Progress
 
     from ops.errors import PitomeError
 
-    console = Console()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     began = time.perf_counter()
     try:
         model = SentenceClassifier(load_encoder(), len(LABELS)).eval()  # only `embed` is used

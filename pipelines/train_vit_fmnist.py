@@ -81,7 +81,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 def train(args: argparse.Namespace, console) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(args.data)
@@ -191,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from ops.errors import PitomeError
+    from pipelines.stages import torch_settings
 
     try:
-        train(args, Console())
+        with torch_settings(args.threads):
+            train(args, Console())
     except PitomeError as exc:
         print(f"train_vit_fmnist: error: {exc}", file=sys.stderr)
         return 2
