@@ -63,6 +63,18 @@ def split_precision(name: str) -> tuple[str, str]:
     return name, "fp32"
 
 
+@dataclass
+class Variants:
+    """One model's exported graphs (by candidate name), their block-FLOP ideals, and the eager
+    modules timed beside them; `profiled` is the PiToMe graph whose merge is measured."""
+
+    signature: object
+    profiled: str
+    graphs: dict[str, Path]
+    flops: dict[str, float]
+    eager: dict[str, torch.nn.Module]
+
+
 def run_case(
     case: Case,
     runs: int,
@@ -78,11 +90,14 @@ def run_case(
     The unmerged graph and that PiToMe graph are also timed in INT8, once per `int8_modes`.
     """
     breakdowns = [] if breakdowns is None else breakdowns
-    from exporter.latency import time_interleaved
+    variants = export_variants(case, scratch, log)
+    quantize_variants(variants, case, int8_modes, scratch, log)
+    return [row for batch in case.batches for row in time_batch(variants, case, batch, runs, threads, log, breakdowns)]
+
+
+def export_variants(case: Case, scratch: Path, log) -> Variants:
+    """The unmerged graph, every algo x ratio, and the last PiToMe ratio with its merges skipped."""
     from exporter.onnx_export import export_onnx
-    from exporter.profiling import profile_ort
-    from exporter.quantize import convert_precision
-    from exporter.runners import ort_session
     from exporter.signatures import ExportWrapper, signature_of
     from ops import unpatch_model
     from pipelines.models import load_model, resolve
@@ -90,78 +105,91 @@ def run_case(
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
     signature = signature_of(model, case.seq_len)
-    graphs = {"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)}
-    flops = {"unmerged": 1.0}
-    eager = {"unmerged": ExportWrapper(model, signature).eval()}
-    pitome_last = f"pitome@{case.ratios[-1]}"
+    variants = Variants(
+        signature, f"pitome@{case.ratios[-1]}",
+        graphs={"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)},
+        flops={"unmerged": 1.0}, eager={"unmerged": ExportWrapper(model, signature).eval()},
+    )  # fmt: skip
     for name, merged, ideal in merged_variants(model, spec.kind, case, ALGOS):
         log(f"  export {case.model} {name}")
-        graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
-        flops[name] = ideal
-        if name == pitome_last:
-            eager[name] = ExportWrapper(merged, signature).eval()
+        variants.graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
+        variants.flops[name] = ideal
+        if name == variants.profiled:
+            variants.eager[name] = ExportWrapper(merged, signature).eval()
             skipped = f"{name} {SKIPPED}"
-            graphs[skipped] = export_onnx(without_merge(merged), None, scratch / "skipped.onnx", seq_len=case.seq_len)
-            flops[skipped] = ideal
+            path = scratch / "skipped.onnx"
+            variants.graphs[skipped] = export_onnx(without_merge(merged), None, path, seq_len=case.seq_len)
+            variants.flops[skipped] = ideal
     unpatch_model(model)
-    # INT8 beside FP32 for the unmerged graph and the last PiToMe ratio, so merging and
-    # quantization can be read apart and together, all against FP32 unmerged.
-    calibration = (
-        [
-            {k: v.numpy() for k, v in signature.example_inputs(8, seed=100 + i).items()}
+    return variants
+
+
+def quantize_variants(variants: Variants, case: Case, int8_modes: tuple[str, ...], scratch: Path, log) -> None:
+    """INT8 beside FP32 for the unmerged graph and the profiled PiToMe one, so merging and
+    quantization can be read apart and together, all against FP32 unmerged."""
+    from exporter.quantize import convert_precision
+
+    calibration = None
+    if "static" in int8_modes:
+        calibration = [
+            {k: v.numpy() for k, v in variants.signature.example_inputs(8, seed=100 + i).items()}
             for i in range(CALIBRATION_BATCHES)
         ]
-        if "static" in int8_modes
-        else None
-    )
     for mode in int8_modes:
-        for name in ("unmerged", f"pitome@{case.ratios[-1]}"):
+        for name in ("unmerged", variants.profiled):
             log(f"  quantize {case.model} {name} to int8 ({mode})")
             quantized = name + INT8_SUFFIX[mode]
-            graphs[quantized] = convert_precision(
-                graphs[name],
-                scratch / f"{name}-int8-{mode}.onnx",
-                "int8",
-                mode,
-                calibration,
-                "seeded synthetic inputs" if mode == "static" else None,
+            source = "seeded synthetic inputs" if mode == "static" else None
+            path = scratch / f"{name}-int8-{mode}.onnx"
+            variants.graphs[quantized] = convert_precision(
+                variants.graphs[name], path, "int8", mode, calibration, source
             )
-            flops[quantized] = flops[name]
+            variants.flops[quantized] = variants.flops[name]
+
+
+def time_batch(
+    variants: Variants, case: Case, batch: int, runs: int, threads: int, log, breakdowns: list[dict]
+) -> list[dict]:
+    """Every candidate at one batch size, interleaved in one run; the profiled graph's merge cost."""
+    from exporter.latency import time_interleaved
+    from exporter.profiling import profile_ort
+    from exporter.runners import ort_session
+
+    feeds = variants.signature.example_inputs(batch, seed=0)
+    arrays = {k: v.numpy() for k, v in feeds.items()}
+    inputs = tuple(feeds[name] for name in variants.signature.input_names)
+    sessions = {name: ort_session(path, threads=threads) for name, path in variants.graphs.items()}
+    candidates = {f"ort {n}": (lambda s=s, a=arrays: s.run(None, a)) for n, s in sessions.items()}
+    for name, module in variants.eager.items():
+        candidates[f"eager {name}"] = lambda m=module, i=inputs: _eager(m, i)
+    log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
+    stats = time_interleaved(candidates, batch, runs=runs)
+    profiled = variants.profiled
+    profile = profile_ort(variants.graphs[profiled], arrays, runs=5, threads=threads)
+    breakdowns.append({"model": case.model, "graph": profiled, "batch": batch, **profile})
+    merge = merge_cost(stats[f"ort {profiled}"], stats[f"ort {profiled} {SKIPPED}"], profile)
     rows = []
-    for batch in case.batches:
-        feeds = signature.example_inputs(batch, seed=0)
-        arrays = {k: v.numpy() for k, v in feeds.items()}
-        inputs = tuple(feeds[name] for name in signature.input_names)
-        sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
-        candidates = {f"ort {n}": (lambda s=s, a=arrays: s.run(None, a)) for n, s in sessions.items()}
-        for name, module in eager.items():
-            candidates[f"eager {name}"] = lambda m=module, i=inputs: _eager(m, i)
-        log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
-        stats = time_interleaved(candidates, batch, runs=runs)
-        merged_ms, skipped_ms = stats[f"ort {pitome_last}"], stats[f"ort {pitome_last} {SKIPPED}"]
-        profile = profile_ort(graphs[pitome_last], arrays, runs=5, threads=threads)
-        breakdowns.append({"model": case.model, "graph": pitome_last, "batch": batch, **profile})
-        for label, s in stats.items():
-            backend, name = label.split(" ", 1)
-            base = stats[f"{backend} unmerged"]
-            candidate, precision = split_precision(name)
-            rows.append(
-                {
-                    "model": case.model + (f" (seq {case.seq_len})" if case.seq_len else ""),
-                    "backend": "onnxruntime-cpu" if backend == "ort" else "pytorch-eager",
-                    "candidate": candidate,
-                    "precision": precision,
-                    "batch": batch,
-                    "median_ms": s.median_ms,
-                    "p90_ms": s.p90_ms,
-                    "min_ms": s.min_ms,
-                    "cv": s.cv,
-                    "speedup": base.median_ms / s.median_ms,
-                    "speedup_min": base.min_ms / s.min_ms,
-                    "block_flop_ideal": flops[name],
-                    **(merge_cost(merged_ms, skipped_ms, profile) if (backend, name) == ("ort", pitome_last) else {}),
-                }
-            )
+    for label, s in stats.items():
+        backend, name = label.split(" ", 1)
+        base = stats[f"{backend} unmerged"]
+        candidate, precision = split_precision(name)
+        rows.append(
+            {
+                "model": case.model + (f" (seq {case.seq_len})" if case.seq_len else ""),
+                "backend": "onnxruntime-cpu" if backend == "ort" else "pytorch-eager",
+                "candidate": candidate,
+                "precision": precision,
+                "batch": batch,
+                "median_ms": s.median_ms,
+                "p90_ms": s.p90_ms,
+                "min_ms": s.min_ms,
+                "cv": s.cv,
+                "speedup": base.median_ms / s.median_ms,
+                "speedup_min": base.min_ms / s.min_ms,
+                "block_flop_ideal": variants.flops[name],
+                **(merge if (backend, name) == ("ort", profiled) else {}),
+            }
+        )
     return rows
 
 

@@ -44,86 +44,35 @@ def run_sweep(job: SweepJob, console) -> Path:
 
 
 def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
+    """Export and check every point, time them with the unmerged graph, score them, write the folder."""
     from rich.progress import Progress
 
-    from exporter.latency import time_interleaved
     from exporter.onnx_export import export_onnx
-    from exporter.parity import TOLERANCES, parity_feeds, verify_export
-    from exporter.runners import device_name, ort_session, torch_device
+    from exporter.runners import device_name, torch_device
     from exporter.signatures import signature_of
-    from ops import patch_model, unpatch_model
     from pipelines import report
-    from pipelines.accuracy import measure_accuracy
-    from pipelines.benchmark import flops_summary
     from pipelines.models import load_model
 
-    grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
     seq_len = job.seq_len or spec.seq_len
-    text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
     device = torch_device(job.device)
-    with Progress(console=console) as progress, tempfile.TemporaryDirectory(prefix="pitome-sweep-") as scratch:
+    with Progress(console=console) as progress, tempfile.TemporaryDirectory(prefix="pitome-sweep-") as tmp:
+        scratch = Path(tmp)
         task = progress.add_task("load and export the unmerged baseline", total=1)
         model, origin = load_model(spec, job.checkpoint, job.random_init)
         signature = signature_of(model, seq_len)
         data = open_data(job, spec, model, seq_len, signature) if job.data else None
-        baseline = export_onnx(model, None, Path(scratch) / "unmerged.onnx", opset=job.opset, seq_len=seq_len)
+        baseline = export_onnx(model, None, scratch / "unmerged.onnx", opset=job.opset, seq_len=seq_len)
         progress.update(task, completed=1)
-        points = []
-        task = progress.add_task("export + parity per point", total=len(grid))
-        for algo, ratio in grid:
-            patch_model(model, algo=algo, ratio=ratio, prop_attn=job.prop_attn, lowering=job.lowering, **text_kwargs)
-            path = export_onnx(model, None, Path(scratch) / f"{algo}-{ratio}.onnx", opset=job.opset, seq_len=seq_len)
-            feeds = parity_feeds(signature, (2,), 1, job.seed)
-            parity = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
-            points.append(
-                {
-                    "algo": algo,
-                    "ratio": ratio,
-                    "schedule": list(model.token_schedule.merges),
-                    "prop_attn": model.merge_config["prop_attn"],
-                    "parity_passed": parity.passed,
-                    "parity": parity.verdict(),
-                    "path": path,
-                    **flops_summary(model),
-                }
-            )
-            progress.advance(task)
-        unpatch_model(model)
-
-        feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
-        numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
-        sessions = {"unmerged": ort_session(baseline, threads=job.threads)}
-        sessions.update({f"{p['algo']}@{p['ratio']}": ort_session(p["path"], threads=job.threads) for p in points})
-        task = progress.add_task(f"latency: {len(sessions)} graphs interleaved x {job.bench_runs}", total=1)
-        stats = time_interleaved(
-            {name: (lambda s=s: s.run(None, numpy_feeds)) for name, s in sessions.items()},
-            job.bench_batch,
-            runs=job.bench_runs,
-        )
-        progress.update(task, completed=1)
-
+        points = _export_points(job, spec, model, signature, seq_len, device, scratch, progress)
+        unmerged_latency = _time_points(job, signature, baseline, points, progress)
         check = data if data is not None else _synthetic(signature, job.seed)
-        task = progress.add_task("accuracy" if data else "agreement with unmerged", total=-(-len(check) // 32))
-        graphs = {f"{p['algo']}@{p['ratio']}": p.pop("path") for p in points}  # all graphs in one pass
-        first = next(iter(graphs))
-        acc = measure_accuracy(
-            graphs.pop(first), baseline, check, 32, job.threads, lambda: progress.advance(task), extra=graphs
-        )
-        for point in points:
-            name = f"{point['algo']}@{point['ratio']}"
-            graph = "merged" if name == first else name
-            point["top1_unmerged"] = acc["top1_unmerged"] if data is not None else None
-            point["top1"] = acc["top1"][graph] if data is not None else None
-            point["agreement"] = acc["agreement_with_unmerged"][graph]
-            point["latency"] = stats[name].to_dict()
-            point["speedup"] = stats["unmerged"].median_ms / point["latency"]["median_ms"]
-
+        _score_points(job, baseline, points, check, labelled=data is not None, progress=progress)
     result = {
         "context": report.run_context(job, spec, origin, device_name(device), str(device)),
         "y_axis": "top-1 accuracy" if data is not None else "top-1 agreement with the unmerged model",
         "data": data.description if data is not None else "seeded synthetic inputs",
         "samples": len(check),
-        "unmerged": {"latency": stats["unmerged"].to_dict(), "top1": points[0]["top1_unmerged"]},
+        "unmerged": {"latency": unmerged_latency, "top1": points[0]["top1_unmerged"]},
         "points": points,
     }
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=2))
@@ -131,6 +80,83 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
     atomic_write_text(out / "report.md", sweep_markdown(result))
     _print_table(result, console)
     return result
+
+
+def _export_points(job: SweepJob, spec, model, signature, seq_len, device, scratch: Path, progress) -> list[dict]:
+    """Patch, export and check parity of every algo x ratio point; each keeps its graph's `path`."""
+    from exporter.onnx_export import export_onnx
+    from exporter.parity import TOLERANCES, parity_feeds, verify_export
+    from ops import patch_model, unpatch_model
+    from pipelines.benchmark import flops_summary
+
+    grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
+    text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
+    points = []
+    task = progress.add_task("export + parity per point", total=len(grid))
+    for algo, ratio in grid:
+        patch_model(model, algo=algo, ratio=ratio, prop_attn=job.prop_attn, lowering=job.lowering, **text_kwargs)
+        path = export_onnx(model, None, scratch / f"{algo}-{ratio}.onnx", opset=job.opset, seq_len=seq_len)
+        feeds = parity_feeds(signature, (2,), 1, job.seed)
+        parity = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
+        points.append(
+            {
+                "algo": algo,
+                "ratio": ratio,
+                "schedule": list(model.token_schedule.merges),
+                "prop_attn": model.merge_config["prop_attn"],
+                "parity_passed": parity.passed,
+                "parity": parity.verdict(),
+                "path": path,
+                **flops_summary(model),
+            }
+        )
+        progress.advance(task)
+    unpatch_model(model)
+    return points
+
+
+def _point_name(point: dict) -> str:
+    return f"{point['algo']}@{point['ratio']}"
+
+
+def _time_points(job: SweepJob, signature, baseline: Path, points: list[dict], progress) -> dict:
+    """All points and the unmerged graph in one interleaved run; sets each point's latency and
+    speed-up, returns the unmerged graph's latency."""
+    from exporter.latency import time_interleaved
+    from exporter.runners import ort_session
+
+    feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
+    numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
+    sessions = {"unmerged": ort_session(baseline, threads=job.threads)}
+    sessions.update({_point_name(p): ort_session(p["path"], threads=job.threads) for p in points})
+    task = progress.add_task(f"latency: {len(sessions)} graphs interleaved x {job.bench_runs}", total=1)
+    stats = time_interleaved(
+        {name: (lambda s=s: s.run(None, numpy_feeds)) for name, s in sessions.items()},
+        job.bench_batch,
+        runs=job.bench_runs,
+    )
+    progress.update(task, completed=1)
+    for point in points:
+        point["latency"] = stats[_point_name(point)].to_dict()
+        point["speedup"] = stats["unmerged"].median_ms / point["latency"]["median_ms"]
+    return stats["unmerged"].to_dict()
+
+
+def _score_points(job: SweepJob, baseline: Path, points: list[dict], check, labelled: bool, progress) -> None:
+    """Top-1 (with labels) and agreement with the unmerged graph of every point, in one pass."""
+    from pipelines.accuracy import measure_accuracy
+
+    task = progress.add_task("accuracy" if labelled else "agreement with unmerged", total=-(-len(check) // 32))
+    graphs = {_point_name(p): p.pop("path") for p in points}
+    first = next(iter(graphs))
+    acc = measure_accuracy(
+        graphs.pop(first), baseline, check, 32, job.threads, lambda: progress.advance(task), extra=graphs
+    )
+    for point in points:
+        graph = "merged" if _point_name(point) == first else _point_name(point)
+        point["top1_unmerged"] = acc["top1_unmerged"] if labelled else None
+        point["top1"] = acc["top1"][graph] if labelled else None
+        point["agreement"] = acc["agreement_with_unmerged"][graph]
 
 
 def _synthetic(signature, seed: int):
