@@ -153,12 +153,16 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError(f"unknown --int8-ffn-out {job.int8_ffn_out!r}; choose one of {', '.join(FFN_OUT_PRECISIONS)}")
     if job.int8_ffn_out is not None and job.precision != "int8":
         raise PitomeError("--int8-ffn-out applies to --precision int8")
-    acceptance = ("max_accuracy_drop", "min_cosine", "min_top1_agreement", "min_decision_agreement")
+    acceptance_flags = {  # job field -> the flags that set it
+        "max_accuracy_drop": "--max-accuracy-drop", "min_cosine": "--min-mean-cosine/--min-cosine",
+        "min_top1_agreement": "--min-top1-agreement", "min_decision_agreement": "--min-decision-agreement",
+    }  # fmt: skip
     defaults = {f.name: f.default for f in dataclasses.fields(ExportJob)}
-    changed = [name for name in acceptance if getattr(job, name) != defaults[name]]
+    changed = [flag for name, flag in acceptance_flags.items() if getattr(job, name) != defaults[name]]
     if changed and not job.reduced_graph:
-        flag = "--" + changed[0].replace("_", "-").replace("min-cosine", "min-cosine/--min-mean-cosine")
-        raise PitomeError(f"{flag} judges a converted graph: use it with --precision int8 (or fp16 with --target onnx)")
+        raise PitomeError(
+            f"{changed[0]} judges a converted graph: use it with --precision int8 (or fp16 with --target onnx)"
+        )
     if job.calibration is not None and job.calibration.isdigit() and int(job.calibration) < 1:
         raise PitomeError("--calibration N needs N >= 1 samples")
     if job.calibration is not None and job.resolved_int8_mode() != "static":
