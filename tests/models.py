@@ -52,3 +52,29 @@ def text_batch(
     mask = torch.ones(batch, seq_len, dtype=torch.int64)
     mask[-1, pad_from:] = 0
     return ids, mask
+
+
+HF_VISION_KINDS = ("vit", "vit_model", "clip", "clip_projection", "dinov2", "dinov2_model", "dinov2_registers")
+
+
+def small_hf_vision(kind: str = "vit", seed: int = 0, layers: int = 4, image_size: int = 64) -> torch.nn.Module:
+    """A small random-init Hugging Face vision model with 64 patches of 8x8 (`HF_VISION_KINDS`):
+    the classifiers `vit`, `dinov2`, `dinov2_registers`; the feature models `vit_model`, `clip`
+    (CLIPVisionModel), `clip_projection`, `dinov2_model`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=8
+    )
+    if kind.startswith("vit"):
+        config = tf.ViTConfig(intermediate_size=128, num_labels=10, **common)
+        return (tf.ViTModel if kind == "vit_model" else tf.ViTForImageClassification)(config).eval()
+    if kind.startswith("clip"):
+        config = tf.CLIPVisionConfig(intermediate_size=128, projection_dim=32, **common)
+        return (tf.CLIPVisionModelWithProjection if kind == "clip_projection" else tf.CLIPVisionModel)(config).eval()
+    if kind == "dinov2_registers":
+        config = tf.Dinov2WithRegistersConfig(mlp_ratio=2, num_labels=10, num_register_tokens=4, **common)
+        return tf.Dinov2WithRegistersForImageClassification(config).eval()
+    config = tf.Dinov2Config(mlp_ratio=2, num_labels=10, **common)
+    return (tf.Dinov2Model if kind == "dinov2_model" else tf.Dinov2ForImageClassification)(config).eval()

@@ -1,6 +1,6 @@
 """`patch_model` / `unpatch_model`: the one public entry point for model surgery.
 
-One small module per model family (`timm_vit`, `hf_text`) holds its subclasses; this module picks
+One small module per model family (`timm_vit`, `hf_vision`, `hf_text`) holds its subclasses; this module picks
 the family, freezes the schedule, and records it on the model as `model.token_schedule`.
 """
 
@@ -10,10 +10,11 @@ import torch
 
 from ops.errors import UnsupportedModelError
 from ops.merge import LOWERINGS, MERGE_IMPLS, TokenMerge
-from ops.patch import hf_text, timm_vit
+from ops.patch import hf_text, hf_vision, timm_vit, vision
 from ops.schedule import TokenSchedule, build_schedule
 
 DEFAULT_TEXT_SEQ_LEN = 128
+VISION_FAMILIES = ("timm_vit", "hf_vision")
 
 
 def _family(model: torch.nn.Module) -> str:
@@ -21,12 +22,17 @@ def _family(model: torch.nn.Module) -> str:
 
     if isinstance(model, VisionTransformer):
         return "timm_vit"
+    reason = hf_vision.refusal(model)
+    if reason is not None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported: {reason}")
+    if hf_vision.vision_base(model) is not None:
+        return "hf_vision"
     try:
         hf_text.base_model(model)
     except UnsupportedModelError:
         raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: patch_model takes timm VisionTransformer models "
-            "and Hugging Face BERT/DistilBERT models"
+            f"{type(model).__name__} is not supported: patch_model takes timm VisionTransformer models, "
+            "Hugging Face ViT, CLIP (vision), DINOv2 and BERT/DistilBERT models"
         ) from None
     return "hf_text"
 
@@ -53,6 +59,7 @@ def patch_model(
     lowering: str = "matmul",
     *,
     seq_len: int | None = None,
+    image_size: int | None = None,
     flavor: str | None = None,
     padding_safe: bool = True,
     merge_impl: str = "decomposed",
@@ -62,6 +69,7 @@ def patch_model(
     `ratio` (fraction of tokens kept per merging layer) or an explicit `schedule` (tokens merged
     per layer) is frozen into `model.token_schedule`. `prop_attn` defaults to the reference's
     choice (off for PiToMe, on for ToMe on vision models). Text models need a fixed `seq_len` (default 128);
+    Hugging Face vision models a fixed `image_size` (default: the configured one; DINOv2 takes others);
     `padding_safe=False` reproduces the reference's padding behaviour. `merge_impl="fused"` runs
     each merge step as the one `pitome::token_merge` operator: on CUDA the fused Triton kernel
     (`ops.kernels`), elsewhere the same decomposed code. Calling it again re-patches;
@@ -76,7 +84,7 @@ def patch_model(
     unpatch_model(model)
     family = _family(model)
     if prop_attn is None:
-        prop_attn = algo == "tome" and family == "timm_vit"
+        prop_attn = algo == "tome" and family in VISION_FAMILIES
     if family == "timm_vit":
         timm_vit.check_supported(model)
         num_tokens, num_prefix = timm_vit.token_layout(model)
@@ -84,9 +92,20 @@ def patch_model(
             num_tokens, len(model.blocks), algo=algo, ratio=ratio, merges=schedule, num_prefix=num_prefix
         )
         flavor = flavor or timm_vit.infer_flavor(model)
-        steps = timm_vit.layer_steps(token_schedule, algo, flavor, lowering)
+        steps = vision.layer_steps(token_schedule, algo, flavor, lowering)
         timm_vit.patch(model, steps, prop_attn)
         config = {"flavor": flavor}
+    elif family == "hf_vision":
+        image_size = image_size or hf_vision.default_image_size(model)
+        hf_vision.check_supported(model, image_size)
+        num_tokens, num_prefix = hf_vision.token_layout(model, image_size)
+        token_schedule = build_schedule(
+            num_tokens, hf_vision.depth(model), algo=algo, ratio=ratio, merges=schedule, num_prefix=num_prefix
+        )
+        flavor = flavor or hf_vision.flavor_of(model)
+        steps = vision.layer_steps(token_schedule, algo, flavor, lowering)
+        hf_vision.patch(model, steps, prop_attn, image_size)
+        config = {"flavor": flavor, "image_size": image_size}
     else:
         if prop_attn:
             raise UnsupportedModelError("proportional attention is not implemented for text models")
@@ -129,7 +148,7 @@ def repatch(model: torch.nn.Module, **changes: object) -> torch.nn.Module:
         kwargs.update(ratio=None, schedule=list(model.token_schedule.merges))
     else:
         kwargs["ratio"] = cfg["ratio"]
-    kwargs.update({key: cfg[key] for key in ("seq_len", "padding_safe", "flavor", "merge_impl") if key in cfg})
+    kwargs.update({key: cfg[key] for key in ("seq_len", "image_size", "padding_safe", "flavor", "merge_impl") if key in cfg})
     kwargs.update(changes)
     return patch_model(model, **kwargs)
 

@@ -8,17 +8,14 @@ shared mutable state), so an export traces the same static shapes as eager runs.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ops.errors import UnsupportedModelError
 from ops.merge import MergeStep, TokenMerge
 from ops.patch.surgery import add_attributes, swap_class
-from ops.schedule import TokenSchedule
+from ops.patch.vision import merging_block, proportional_attention, size_weighted_mean
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -32,8 +29,7 @@ class MergingAttention(Attention):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else size.log()[:, None, None, :, 0]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = proportional_attention(q, k, v, size, self.scale)
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             out = out * gate
@@ -47,11 +43,14 @@ class MergingBlock(Block):
     prop_attn: bool
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return merging_block(x, size, self._attention_branch, self._mlp_branch, self.token_merge)
+
+    def _attention_branch(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn_out, keys = self.attn(self.norm1(x), size if self.prop_attn else None)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        x, size = self.token_merge(x, size, keys)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, size
+        return self.drop_path1(self.ls1(attn_out)), keys
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class MergingVisionTransformer(VisionTransformer):
@@ -73,7 +72,7 @@ class MergingVisionTransformer(VisionTransformer):
         if self.global_pool != "avg":
             return self.forward_head(x)
         p = self.num_prefix_tokens
-        pooled = (x[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1)
+        pooled = size_weighted_mean(x[:, p:], size[:, p:])
         return self.head(self.head_drop(self.fc_norm(pooled)))
 
 
@@ -98,25 +97,6 @@ def token_layout(model: torch.nn.Module) -> tuple[int, int]:
 def infer_flavor(model: torch.nn.Module) -> str:
     """Reference per-model settings: MAE-style when pooling by average, else DeiT-style."""
     return "mae" if model.global_pool == "avg" else "deit"
-
-
-def layer_steps(schedule: TokenSchedule, algo: str, flavor: str, lowering: str) -> list[MergeStep]:
-    """Per-layer merge steps as the reference runs them.
-
-    PiToMe margin 0.75 - 0.75 i/L. DeiT: energy-ordered bipartite (bsm) in the first ceil(L/2)
-    blocks, energy-protected after; MAE: the opposite.
-    """
-    depth = schedule.depth
-    half = math.ceil(depth / 2)
-    steps = []
-    for i, r in enumerate(schedule.merges):
-        if algo == "tome":
-            steps.append(MergeStep("tome", r, 0.0, lowering))
-            continue
-        early = i < half
-        bsm = early if flavor == "deit" else not early
-        steps.append(MergeStep("pitome_bsm" if bsm else "pitome", r, 0.75 - 0.75 * i / depth, lowering))
-    return steps
 
 
 def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool) -> None:
