@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from exporter.runners import placed_on
-from exporter.signatures import ExportWrapper, ModelSignature
+from exporter.signatures import ExportWrapper, ModelSignature, as_outputs
 from ops.merge import MergeAssign, MergePlan, plan_from_slots, plan_slots
 
 
@@ -65,7 +65,7 @@ class DecisionWrapper(torch.nn.Module):
         owners: list[torch.Tensor] = []
         with decision_hooks(self.inner, owners=owners) as slots:
             out = self.inner(*inputs)
-        return (out, *slots, *owners)
+        return (*as_outputs(out), *slots, *owners)
 
 
 def decision_output_names(model: torch.nn.Module) -> list[str]:
@@ -103,11 +103,11 @@ def export_decisions_like(
 def run_eager(
     model: torch.nn.Module, signature: ModelSignature, feeds: dict, device: torch.device, forced=None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Main output and slots of the PyTorch model on numpy `feeds` on `device`, optionally with
-    forced slots; the model is left where it was."""
+    """Main (first) output and slots of the PyTorch model on numpy `feeds` on `device`, optionally
+    with forced slots; the model is left where it was."""
     wrapper = ExportWrapper(model, signature).eval()
     inputs = [torch.as_tensor(feeds[name]).to(device) for name in signature.input_names]
     forced_t = None if forced is None else [torch.as_tensor(f) for f in forced]
     with torch.no_grad(), placed_on(wrapper, device), decision_hooks(wrapper, forced_t) as slots:
-        out = wrapper(*inputs)
+        out = as_outputs(wrapper(*inputs))[0]
         return out.float().cpu(), [s.cpu() for s in slots]

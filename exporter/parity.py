@@ -2,7 +2,7 @@
 
 Polygraphy runs both runners on the same feeds and judges each output elementwise
 (|diff| <= atol or rel <= rtol); we add what matters for classifiers: cosine similarity and
-top-1 agreement. The verdict and every figure go to `parity.json` and a printed table.
+top-1 agreement (of `logits`; features have no classes). The verdict and every figure go to `parity.json` and a printed table.
 """
 
 from __future__ import annotations
@@ -36,9 +36,15 @@ class OutputParity:
     max_rel: float
     mean_abs: float
     min_cosine: float
-    top1_agreement: float
+    top1_agreement: float | None  # None for feature outputs (hidden states, embeddings): no classes
     elementwise_passed: bool
     passed: bool
+
+    def top1_passed(self, tolerances: Tolerances) -> bool:
+        return self.top1_agreement is None or self.top1_agreement >= tolerances.min_top1
+
+    def top1_text(self) -> str:
+        return "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.2%}"
 
 
 @dataclass
@@ -59,7 +65,7 @@ class ParityReport:
             return True
         d = self.decisions
         return bool(
-            d and d["forced_passed"] and all(o.top1_agreement >= self.tolerances.min_top1 for o in self.outputs)
+            d and d["forced_passed"] and all(o.top1_passed(self.tolerances) for o in self.outputs)
         )
 
     def to_dict(self) -> dict:
@@ -74,7 +80,7 @@ class ParityReport:
         state = "PASSED" if self.passed else "FAILED"
         line = (
             f"{state} | atol={t.atol:g} rtol={t.rtol:g} min top-1={t.min_top1:.0%} | "
-            f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, top-1 {worst.top1_agreement:.2%}"
+            f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, top-1 {worst.top1_text()}"
         )
         if self.decisions:
             d = self.decisions
@@ -135,9 +141,8 @@ def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances
         cos = np.concatenate([cosines(r, c) for r, c in zip(ref, cand)])
         agree = np.concatenate([top1_agrees(r, c) for r, c in zip(ref, cand)])
         elementwise = all(bool(s) for s in stats)
-        top1 = float(agree.mean())
-        report.outputs.append(
-            OutputParity(
+        top1 = float(agree.mean()) if name == "logits" else None
+        output = OutputParity(
                 name=name,
                 max_abs=float(max(s.max_absdiff for s in stats)),
                 max_rel=float(max(s.max_reldiff for s in stats)),
@@ -145,9 +150,10 @@ def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances
                 min_cosine=float(cos.min()),
                 top1_agreement=top1,
                 elementwise_passed=elementwise,
-                passed=elementwise and top1 >= tolerances.min_top1 and float(cos.min()) >= tolerances.min_cosine,
+                passed=False,
             )
-        )
+        output.passed = elementwise and output.top1_passed(tolerances) and output.min_cosine >= tolerances.min_cosine
+        report.outputs.append(output)
     return report
 
 
@@ -271,7 +277,7 @@ def print_report(report: ParityReport, console=None) -> None:
             f"{o.max_rel:.3g}",
             f"{o.mean_abs:.3g}",
             f"{o.min_cosine:.7f}",
-            f"{o.top1_agreement:.2%}",
+            o.top1_text(),
             "[green]PASSED[/]" if o.passed else "[red]FAILED[/]",
         )
     console.print(table)

@@ -18,7 +18,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
-from exporter.signatures import ExportWrapper, ModelSignature
+from exporter.signatures import ExportWrapper, ModelSignature, as_outputs
 
 ORT_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -122,7 +122,8 @@ class TorchRunner(BaseRunner):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.inference_time = time.perf_counter() - start
-        return OrderedDict([(self.signature.output_names[0], output.float().cpu().numpy())])
+        outputs = as_outputs(output)
+        return OrderedDict((name, out.float().cpu().numpy()) for name, out in zip(self.signature.output_names, outputs))
 
     def deactivate_impl(self) -> None:
         self._placement.close()  # the caller's model goes back where it was

@@ -13,13 +13,23 @@ DISTILBERT_INPUTS = ("input_ids", "attention_mask")
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """Input/output names of an exported model, and the fixed non-batch shape of each input."""
+    """Input/output names of an exported model, and the fixed non-batch shape of each input.
+
+    A model returning a `ModelOutput` is read by `output_fields` (default: the output names), in
+    order; `entry` names the method to call instead of forward (CLIPModel's `get_image_features`).
+    """
 
     kind: str  # "vision" or "text"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     input_shapes: dict  # name -> shape without the batch dim
     vocab_size: int = 0
+    output_fields: tuple[str, ...] = ()
+    entry: str = ""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.output_fields or self.output_names
 
     def example_inputs(self, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded synthetic inputs; text inputs get a class token first and varied padding."""
@@ -40,31 +50,67 @@ class ModelSignature:
 
 
 class ExportWrapper(torch.nn.Module):
-    """Positional-input module around a model, returning its main output as a plain tensor."""
+    """Positional-input module around a model, returning its outputs as plain tensors: one
+    tensor for a one-output signature, else a tuple in `output_names` order."""
 
     def __init__(self, model: torch.nn.Module, signature: ModelSignature) -> None:
         super().__init__()
         self.model = model
         self.signature = signature
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.signature.kind == "vision":
-            return self.model(inputs[0])
-        out = self.model(**dict(zip(self.signature.input_names, inputs)))
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        sig = self.signature
+        call = getattr(self.model, sig.entry) if sig.entry else self.model
+        out = call(inputs[0]) if sig.kind == "vision" else call(**dict(zip(sig.input_names, inputs)))
+        if isinstance(out, torch.Tensor):  # timm models return their logits
+            return out
+        values = tuple(getattr(out, field) for field in sig.fields)
+        return values[0] if len(values) == 1 else values
+
+
+def as_outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """An `ExportWrapper` result as a tuple of its outputs."""
+    return out if isinstance(out, tuple) else (out,)
 
 
 def signature_of(model: torch.nn.Module, seq_len: int | None = None) -> ModelSignature:
-    """Names and shapes for a (patched or plain) timm ViT or HF BERT/DistilBERT model."""
+    """Names and shapes for a (patched or plain) timm ViT, HF vision model or HF BERT/DistilBERT model."""
     from timm.models.vision_transformer import VisionTransformer
+
+    from ops.patch import hf_vision
 
     if isinstance(model, VisionTransformer):
         pe = model.patch_embed
         shape = (pe.proj.in_channels, *pe.img_size)
         return ModelSignature("vision", VISION_INPUTS, ("logits",), {"pixel_values": shape})
+    if hf_vision.vision_base(model) is not None:
+        return hf_vision_signature(model)
     config = model.config
     merge_config = getattr(model, "merge_config", None) or {}
     seq_len = seq_len or merge_config.get("seq_len") or 128
     names = DISTILBERT_INPUTS if config.model_type == "distilbert" else BERT_INPUTS
     output = "logits" if hasattr(model, "classifier") else "last_hidden_state"
     return ModelSignature("text", names, (output,), {name: (seq_len,) for name in names}, vocab_size=config.vocab_size)
+
+
+def hf_vision_signature(model: torch.nn.Module) -> ModelSignature:
+    """`pixel_values` -> `logits` for classifiers; for feature models the hidden states (their
+    token count is the merged one) and the pooled output, named as optimum names them:
+    `pooler_output`, or `image_embeds` for CLIP's projected embedding."""
+    from transformers import CLIPModel
+
+    from ops.patch import hf_vision
+
+    base = hf_vision.vision_base(model)
+    merge_config = getattr(model, "merge_config", None) or {}
+    size = merge_config.get("image_size") or hf_vision.default_image_size(model)
+    shapes = {"pixel_values": (base.config.num_channels, size, size)}
+    if isinstance(model, CLIPModel):  # the image tower of a full CLIP: get_image_features projects
+        names, fields = ("image_embeds", "last_hidden_state"), ("pooler_output", "last_hidden_state")
+        return ModelSignature("vision", VISION_INPUTS, names, shapes, output_fields=fields, entry="get_image_features")
+    if hasattr(model, "classifier"):
+        return ModelSignature("vision", VISION_INPUTS, ("logits",), shapes)
+    if hasattr(model, "visual_projection"):
+        return ModelSignature("vision", VISION_INPUTS, ("image_embeds", "last_hidden_state"), shapes)
+    pooled = ("pooler_output",) if getattr(base, "pooler", True) is not None else ()
+    return ModelSignature("vision", VISION_INPUTS, ("last_hidden_state", *pooled), shapes)

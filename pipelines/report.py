@@ -256,6 +256,11 @@ def latency_markdown(latency: dict) -> list[str]:
     return lines
 
 
+def _percent(value: float | None) -> str:
+    """A share as a percentage; "n/a" where a figure does not apply (top-1 of a feature output)."""
+    return "n/a" if value is None else f"{value:.2%}"
+
+
 def _ms(value: float) -> str:
     """Milliseconds to 0.1 ms (CPU runs), or 3 significant digits below 1 ms (GPU runs)."""
     return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
@@ -326,7 +331,7 @@ def markdown(summary: dict, spec) -> str:
         state = "PASSED" if o["passed"] else "FAILED"
         lines.append(
             f"| {o['name']} | {o['max_abs']:.3g} | {o['max_rel']:.3g} | {o['mean_abs']:.3g} | "
-            f"{o['min_cosine']:.7f} | {o['top1_agreement']:.2%} | {state} |"
+            f"{o['min_cosine']:.7f} | {_percent(o['top1_agreement'])} | {state} |"
         )
     lines += ["", summary["parity_line"], ""]
     lines += precision_markdown(summary.get("precision"))
