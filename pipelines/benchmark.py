@@ -13,10 +13,12 @@ from ops.flops import schedule_flops
 
 
 def model_width(model: torch.nn.Module) -> tuple[int, float]:
-    """(embedding width, MLP ratio) of a timm ViT or HF BERT-family model."""
+    """(embedding width, MLP ratio) of a timm ViT or an HF model (BERT family, ViT, CLIP, DINOv2)."""
     config = getattr(model, "config", None)
     if config is not None:
         dim = getattr(config, "hidden_size", None) or config.dim
+        if getattr(config, "mlp_ratio", None):  # DINOv2 declares the ratio, not the width
+            return dim, float(config.mlp_ratio)
         hidden = getattr(config, "intermediate_size", None) or config.hidden_dim
         return dim, hidden / dim
     return model.embed_dim, model.blocks[0].mlp.fc1.out_features / model.embed_dim

@@ -7,6 +7,7 @@ Any timm model name or Hugging Face model id not in the registry is accepted too
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class ModelSpec:
 
     name: str
     source: str
-    kind: str  # "vision" (timm) or "text" (Hugging Face)
+    kind: str  # "vision" (timm), "hf_vision" or "text" (Hugging Face)
     seq_len: int | None = None
     timm_kwargs: tuple[tuple[str, object], ...] = ()
     depth: int | None = None  # known without building the model (for `schedule`)
@@ -55,6 +56,11 @@ REGISTRY = {
             timm_kwargs=(("global_pool", "avg"), ("num_classes", 1000)),
             depth=12, num_tokens=196, dim=768,
         ),
+        ModelSpec("vit_base_hf", "google/vit-base-patch16-224", "hf_vision", depth=12, num_tokens=196, dim=768),
+        ModelSpec("clip_b16", "openai/clip-vit-base-patch16", "hf_vision", depth=12, num_tokens=196, dim=768),
+        ModelSpec(  # the 224 crop of its image processor (the config's 518 is the pre-training size)
+            "dinov2_small", "facebook/dinov2-small", "hf_vision", depth=12, num_tokens=256, dim=384
+        ),
         ModelSpec("bert_base", "bert-base-uncased", "text", seq_len=128, depth=12, num_tokens=127, dim=768),
         ModelSpec(
             "distilbert_base", "distilbert-base-uncased", "text", seq_len=128, depth=6, num_tokens=127, dim=768
@@ -81,7 +87,8 @@ def resolve(name: str) -> ModelSpec:
     if timm.is_model(name) or timm.is_model(name.split(".")[0]):
         return ModelSpec(name, name, "vision")
     if "/" in name or Path(name).is_dir():
-        return ModelSpec(name, name, "text", seq_len=128)
+        kind = hf_kind(name)
+        return ModelSpec(name, name, kind, seq_len=128 if kind == "text" else None)
     raise ModelLoadError(
         f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a timm model name, or a Hugging Face id"
     )
@@ -100,8 +107,8 @@ def load_model(
         module, function = spec.builder.split(":")
         model = getattr(importlib.import_module(module), function)(checkpoint, random_init)
     else:
-        loader = _load_timm if spec.kind == "vision" else _load_hf
-        model = loader(spec, checkpoint, random_init)
+        loaders = {"vision": _load_timm, "hf_vision": _load_hf_vision, "text": _load_hf}
+        model = loaders[spec.kind](spec, checkpoint, random_init)
     if random_init:
         origin = "random-init"
     elif checkpoint:
@@ -237,3 +244,83 @@ def tokenizer_source(model: torch.nn.Module, spec: ModelSpec, checkpoint: str | 
     """Where the text model's tokenizer loads from: the folder its weights came from, else the hub id."""
     loaded_from = getattr(getattr(model, "config", None), "name_or_path", "")
     return loaded_from or checkpoint or spec.source
+
+
+TEXT_MODEL_TYPES = ("bert", "distilbert")
+
+
+def read_hf_config(source: str) -> dict:
+    """The config.json of a model folder, or of a hub id (from the hub or its cache), as a dict."""
+    path = Path(source) / "config.json"
+    if not Path(source).is_dir():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            with offline_if_hub_unreachable():
+                path = Path(hf_hub_download(source, "config.json"))
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
+            raise ModelLoadError(
+                f"could not read the config of {source} ({type(exc).__name__}); "
+                "pass --checkpoint FOLDER for a local model or --random-init"
+            ) from None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{source} has no readable config.json: {_first_line(exc)}") from None
+
+
+def hf_kind(source: str) -> str:
+    """"text" or "hf_vision", read from the model's config.json (`model_type`); a family that
+    merging would compute wrong, or that no patch knows, is refused with the reason."""
+    from ops.patch.hf_vision import MODEL_TYPES, REFUSED_MODEL_TYPES
+
+    model_type = read_hf_config(source).get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ModelLoadError(f"{source}: {model_type} models are not supported: {REFUSED_MODEL_TYPES[model_type]}")
+    if model_type in TEXT_MODEL_TYPES:
+        return "text"
+    if model_type in MODEL_TYPES:
+        return "hf_vision"
+    raise ModelLoadError(
+        f"{source}: model_type {model_type!r} is not supported; supported Hugging Face types: "
+        f"{', '.join(TEXT_MODEL_TYPES + MODEL_TYPES)}"
+    )
+
+
+# Registry names' architectures, for --random-init without a config folder (offline).
+HF_VISION_CONFIGS = {
+    "vit_base_hf": ("ViTConfig", {"num_labels": 1000}),
+    "clip_b16": ("CLIPVisionConfig", {"patch_size": 16, "projection_dim": 512}),
+    # at the 224 crop its published image processor feeds it (the checkpoint's positions cover 518)
+    "dinov2_small": ("Dinov2Config", {"hidden_size": 384, "num_attention_heads": 6, "image_size": 224}),
+}
+
+
+def _hf_vision_class(config):
+    """The transformers class to build: the classifier when the config names one, CLIP's image
+    tower with its projection for a CLIP model (image_embeds), else the bare encoder."""
+    import transformers
+
+    archs = config.architectures or []
+    if config.model_type in ("clip", "clip_vision_model") and "CLIPVisionModel" not in archs:
+        return transformers.CLIPVisionModelWithProjection
+    if any("ForImageClassification" in a for a in archs):
+        return transformers.AutoModelForImageClassification
+    return transformers.AutoModel
+
+
+def _load_hf_vision(spec: ModelSpec, checkpoint: str | None, random_init: bool) -> torch.nn.Module:
+    import transformers
+
+    source = checkpoint or spec.source
+    if random_init and spec.name in HF_VISION_CONFIGS and checkpoint is None:
+        name, values = HF_VISION_CONFIGS[spec.name]
+        config = getattr(transformers, name)(**values)
+    else:
+        with contextlib.nullcontext() if os.path.isdir(source) else offline_if_hub_unreachable():
+            config = _hf_call(transformers.AutoConfig.from_pretrained, source)
+            if config.model_type == "clip":  # the image tower of a full CLIP checkpoint
+                config = config.vision_config
+            if not random_init:
+                return _hf_call(_hf_vision_class(config).from_pretrained, source)
+    return _hf_vision_class(config).from_config(config)

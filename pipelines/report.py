@@ -213,8 +213,16 @@ def print_accuracy(accuracy: dict, console) -> None:
         console.print("  also: " + ", ".join(f"{name} {top1:.2%}" for name, top1 in others.items()))
 
 
-def write_preprocessing(model, spec, out: Path) -> None:
-    """timm: the data config as JSON; HF: config.json (and the tokenizer when it is local)."""
+def write_preprocessing(model, spec, out: Path, job) -> None:
+    """timm: the data config as JSON; HF: config.json (and the tokenizer when it is local, or the
+    image processor's preprocessor_config.json), what optimum's ORTModel classes load."""
+    if spec.kind == "hf_vision":
+        from pipelines.image_processor import FILE, job_processor
+
+        model.config.save_pretrained(out)
+        processor = job_processor(model, spec, job.checkpoint, job.random_init)
+        atomic_write_text(out / FILE, json.dumps(processor, indent=2))
+        return
     if spec.kind == "vision":
         from timm.data import resolve_data_config
 

@@ -103,6 +103,11 @@ def patch(ctx: JobContext) -> None:
     with ctx.step(f"patch: {job.algo}"):
         ctx.seq_len = job.seq_len or spec.seq_len
         text_kwargs = {"seq_len": ctx.seq_len} if spec.kind == "text" else {}
+        if spec.kind == "hf_vision":
+            from pipelines.image_processor import frozen_image_size, job_processor
+
+            processor = job_processor(ctx.model, spec, job.checkpoint, job.random_init)
+            text_kwargs = {"image_size": frozen_image_size(ctx.model, processor)}
         patch_model(
             ctx.model, algo=job.algo, ratio=job.ratio, schedule=job.schedule, prop_attn=job.prop_attn,
             lowering=job.patch_lowering, merge_impl="fused" if job.lowering == "fused" else "decomposed",
@@ -130,6 +135,12 @@ def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signa
         from timm.data import resolve_data_config
 
         return open_vision_data(source, resolve_data_config({}, model=model), limit, job.seed)
+    if spec.kind == "hf_vision":
+        from pipelines.image_processor import job_processor, timm_data_config
+
+        size = signature.input_shapes["pixel_values"][-1]
+        processor = job_processor(model, spec, job.checkpoint, job.random_init)
+        return open_vision_data(source, timm_data_config(processor, size), limit, job.seed)
     tokenizer = tokenizer_source(model, spec, job.checkpoint)
     return open_text_data(source, tokenizer, seq_len, signature.input_names, limit, job.seed, labelled=labelled)
 
@@ -327,7 +338,7 @@ def write_reports(ctx: JobContext, summary: dict) -> None:
     if ctx.accuracy is not None:
         write_json("accuracy.json", ctx.accuracy)
         report.print_accuracy(ctx.accuracy, console)
-    report.write_preprocessing(ctx.model, ctx.spec, out)
+    report.write_preprocessing(ctx.model, ctx.spec, out, ctx.job)
     atomic_write_text(out / "report.md", report.markdown(summary, ctx.spec))
 
 
