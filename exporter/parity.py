@@ -64,9 +64,7 @@ class ParityReport:
         if all(o.passed for o in self.outputs):
             return True
         d = self.decisions
-        return bool(
-            d and d["forced_passed"] and all(o.top1_passed(self.tolerances) for o in self.outputs)
-        )
+        return bool(d and d["forced_passed"] and all(o.top1_passed(self.tolerances) for o in self.outputs))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -143,15 +141,15 @@ def check_parity(reference, candidate, feeds: list[dict], tolerances: Tolerances
         elementwise = all(bool(s) for s in stats)
         top1 = float(agree.mean()) if name == "logits" else None
         output = OutputParity(
-                name=name,
-                max_abs=float(max(s.max_absdiff for s in stats)),
-                max_rel=float(max(s.max_reldiff for s in stats)),
-                mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
-                min_cosine=float(cos.min()),
-                top1_agreement=top1,
-                elementwise_passed=elementwise,
-                passed=False,
-            )
+            name=name,
+            max_abs=float(max(s.max_absdiff for s in stats)),
+            max_rel=float(max(s.max_reldiff for s in stats)),
+            mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
+            min_cosine=float(cos.min()),
+            top1_agreement=top1,
+            elementwise_passed=elementwise,
+            passed=False,
+        )
         output.passed = elementwise and output.top1_passed(tolerances) and output.min_cosine >= tolerances.min_cosine
         report.outputs.append(output)
     return report

@@ -270,7 +270,7 @@ def read_hf_config(source: str) -> dict:
 
 
 def hf_kind(source: str) -> str:
-    """"text" or "hf_vision", read from the model's config.json (`model_type`); a family that
+    """ "text" or "hf_vision", read from the model's config.json (`model_type`); a family that
     merging would compute wrong, or that no patch knows, is refused with the reason."""
     from ops.patch.hf_vision import MODEL_TYPES, REFUSED_MODEL_TYPES
 

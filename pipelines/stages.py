@@ -114,7 +114,10 @@ def patch(ctx: JobContext) -> None:
             **text_kwargs,
         )  # fmt: skip
         ctx.signature = signature_of(ctx.model, ctx.seq_len)
-        ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data else None
+        classifier = "logits" in ctx.signature.output_names
+        ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data and classifier else None
+    if job.data and not classifier:
+        ctx.console.print("[yellow]no accuracy stage: a feature model has no classes to score (--data ignored)[/]")
         if job.resolved_int8_mode() == "static":
             from pipelines.calibration import calibration_feeds
 

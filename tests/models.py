@@ -64,9 +64,7 @@ def small_hf_vision(kind: str = "vit", seed: int = 0, layers: int = 4, image_siz
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(
-        hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=8
-    )
+    common = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=8)
     if kind.startswith("vit"):
         config = tf.ViTConfig(intermediate_size=128, num_labels=10, **common)
         return (tf.ViTModel if kind == "vit_model" else tf.ViTForImageClassification)(config).eval()

@@ -148,7 +148,9 @@ def repatch(model: torch.nn.Module, **changes: object) -> torch.nn.Module:
         kwargs.update(ratio=None, schedule=list(model.token_schedule.merges))
     else:
         kwargs["ratio"] = cfg["ratio"]
-    kwargs.update({key: cfg[key] for key in ("seq_len", "image_size", "padding_safe", "flavor", "merge_impl") if key in cfg})
+    kwargs.update(
+        {key: cfg[key] for key in ("seq_len", "image_size", "padding_safe", "flavor", "merge_impl") if key in cfg}
+    )
     kwargs.update(changes)
     return patch_model(model, **kwargs)
 

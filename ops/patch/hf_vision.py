@@ -125,7 +125,9 @@ def _attention_branch(
     attn = getattr(layer, family.attention)
     b, n, _ = x.shape
     h = getattr(layer, family.norm1)(x)
-    q, k, v = (proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (
+        proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
     out = proportional_attention(q, k, v, size if prop_attn else None, getattr(attn, family.scale))
     out = getattr(attn, family.out_proj)(out.transpose(1, 2).reshape(b, n, -1))
     if family.layer_scales:

@@ -1,4 +1,4 @@
-"""The output folder of a text export is a package optimum's ORTModel loads and runs as is."""
+"""The output folder of a text or vision export is a package optimum's ORTModel loads and runs as is."""
 
 from __future__ import annotations
 
@@ -45,3 +45,45 @@ def test_optimum_loads_and_runs_the_merged_export(tmp_path, text_model_folder):
     with torch.no_grad():
         expected = model(**encoded).logits
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not SITE.is_dir(), reason="optimum side folder missing: run `make optimum-site`")
+@pytest.mark.parametrize(
+    ("kind", "task", "output", "outputs"),
+    [
+        ("vit", "classification", "logits", ["logits"]),
+        ("clip_projection", "features", "last_hidden_state", ["image_embeds", "last_hidden_state"]),
+        ("dinov2_model", "features", "last_hidden_state", ["last_hidden_state", "pooler_output"]),
+    ],
+)
+def test_optimum_loads_and_runs_a_merged_vision_export(tmp_path, kind, task, output, outputs):
+    """ORTModelForImageClassification / ORTModelForFeatureExtraction load the folder as is and give
+    the patched PyTorch model's outputs (hidden states with the merged token count)."""
+    import numpy as np
+
+    from exporter.signatures import ExportWrapper, as_outputs, signature_of
+    from ops import patch_model
+    from tests.models import small_hf_vision
+
+    folder, out = tmp_path / kind, tmp_path / "art"
+    small_hf_vision(kind, layers=2).save_pretrained(folder)
+    result = cli(str(folder), "--checkpoint", str(folder), "--ratio", "0.9", "--no-bench", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"config.json", "preprocessor_config.json", "model.onnx"} <= {p.name for p in out.iterdir()}
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    env = {**os.environ, "PYTHONPATH": str(SITE)}
+    script = Path(__file__).with_name("load_vision_with_optimum.py")
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), task, str(tmp_path / "pixels.npy")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert loaded["outputs"] == outputs
+    model = patch_model(small_hf_vision(kind, layers=2), ratio=0.9)
+    signature = signature_of(model)
+    with torch.no_grad():
+        expected = dict(zip(signature.output_names, as_outputs(ExportWrapper(model, signature)(pixels))))[output]
+    assert expected.shape[1] == (10 if task == "classification" else 65 - 11)  # 64 patches, r = 6, 5
+    torch.testing.assert_close(torch.tensor(loaded["value"]), expected, atol=1e-4, rtol=1e-3)
