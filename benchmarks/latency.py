@@ -46,6 +46,10 @@ FULL = (
     Case("deit_base", (0.975, 0.95, 0.925, 0.9), (1, 8)),
     Case("bert_base", (0.9, 0.7, 0.55), (1, 8), seq_len=128),
     Case("bert_base", (0.9, 0.7, 0.55), (1, 8), seq_len=256),
+    # Hugging Face vision: random-init full-size architectures built from configs (no hub)
+    Case("vit_base_hf", (0.95, 0.9), (1, 8)),
+    Case("clip_b16", (0.95, 0.9), (1, 8)),
+    Case("dinov2_small", (0.95, 0.9), (1, 8)),
 )
 QUICK = (Case("deit_small", (0.9,), (8,)), Case("bert_base", (0.7,), (8,), seq_len=128))
 ALGOS = ("pitome", "tome")

@@ -289,7 +289,7 @@ def hf_kind(source: str) -> str:
 
 # Registry names' architectures, for --random-init without a config folder (offline).
 HF_VISION_CONFIGS = {
-    "vit_base_hf": ("ViTConfig", {"num_labels": 1000}),
+    "vit_base_hf": ("ViTConfig", {"num_labels": 1000, "architectures": ["ViTForImageClassification"]}),
     "clip_b16": ("CLIPVisionConfig", {"patch_size": 16, "projection_dim": 512}),
     # at the 224 crop its published image processor feeds it (the checkpoint's positions cover 518)
     "dinov2_small": ("Dinov2Config", {"hidden_size": 384, "num_attention_heads": 6, "image_size": 224}),
@@ -323,4 +323,6 @@ def _load_hf_vision(spec: ModelSpec, checkpoint: str | None, random_init: bool) 
                 config = config.vision_config
             if not random_init:
                 return _hf_call(_hf_vision_class(config).from_pretrained, source)
-    return _hf_vision_class(config).from_config(config)
+    model_class = _hf_vision_class(config)
+    # Auto classes build through from_config; a concrete class (CLIP's tower) through its constructor
+    return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)

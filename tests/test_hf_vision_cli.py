@@ -18,6 +18,29 @@ def test_short_names_are_hf_vision_models():
     assert {REGISTRY[name].kind for name in sources} == {"hf_vision"}
 
 
+def test_random_init_short_names_build_the_published_architectures_offline():
+    from pipelines.models import load_model
+
+    built = {}
+    for name in ("vit_base_hf", "clip_b16", "dinov2_small"):
+        model, origin = load_model(REGISTRY[name], random_init=True)
+        assert origin == "random-init"
+        built[name] = (type(model).__name__, model.config.hidden_size, model.config.num_hidden_layers)
+    assert built == {"vit_base_hf": ("ViTForImageClassification", 768, 12),
+                     "clip_b16": ("CLIPVisionModelWithProjection", 768, 12), "dinov2_small": ("Dinov2Model", 384, 12)}  # fmt: skip
+
+
+def test_clip_random_init_from_a_full_clip_config_builds_the_image_tower(tmp_path):
+    from transformers import CLIPConfig
+
+    from pipelines.models import load_model
+
+    vision = small_hf_vision("clip", layers=1).config.to_dict()
+    CLIPConfig(text_config={"num_hidden_layers": 1}, vision_config=vision).save_pretrained(tmp_path)
+    model, _ = load_model(resolve(str(tmp_path)), random_init=True)
+    assert type(model).__name__ == "CLIPVisionModelWithProjection" and model.config.image_size == 64
+
+
 def test_a_folders_kind_is_read_from_its_config(tmp_path):
     small_hf_vision("dinov2", layers=1).config.save_pretrained(tmp_path / "vision")
     (tmp_path / "text").mkdir()
