@@ -146,7 +146,8 @@ def export_onnx(
 
     `example_inputs` default to seeded synthetic inputs of batch 2. `lowering` exports the model
     patched with that merge lowering (same schedule) and leaves it patched as it was. Names follow Optimum: `pixel_values`
-    -> `logits`, `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
+    -> `logits` (or a feature model's `last_hidden_state` and `pooler_output`/`image_embeds`),
+    `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
     each merging layer's token slots and slot owners as outputs `slots_<layer>`, `owners_<layer>`
     (a debug graph, never shipped).
     `fused` emits each merge step as one `pitome::TokenMerge` node (the TensorRT plugin's op,
