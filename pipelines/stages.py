@@ -236,8 +236,9 @@ def baseline(ctx: JobContext) -> None:
         return
     with ctx.step("export the unmerged baseline"):
         ctx.unmerged = unpatch_model(copy.deepcopy(ctx.model))
+        # The merged model's inputs: its frozen size, which may not be the config's (DINOv2 at its crop)
         ctx.baseline = export_onnx(
-            ctx.unmerged, None, ctx.scratch / "unmerged.onnx", opset=job.opset, dynamic_batch=not job.static_batch,
+            ctx.unmerged, ctx.signature.example_inputs(2), ctx.scratch / "unmerged.onnx", opset=job.opset, dynamic_batch=not job.static_batch,
             seq_len=ctx.seq_len,
         )  # fmt: skip
         if job.reduced_graph:

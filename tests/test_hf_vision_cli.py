@@ -97,3 +97,18 @@ def test_accuracy_on_an_image_folder_for_a_classifier_and_none_for_features(tmp_
         scored = (tmp_path / f"out_{kind}" / "accuracy.json").exists()
         assert scored == (kind == "dinov2")
         assert ("no accuracy stage" in result.stdout) == (kind == "dinov2_model")
+
+
+def test_dinov2_runs_at_its_processors_crop_merged_and_unmerged(tmp_path):
+    """The published DINOv2 config says 518 but its processor crops 224: the export, the unmerged
+    baseline and the latency stage all run at the crop."""
+    from pipelines.image_processor import default_config
+
+    folder, out = tmp_path / "dinov2", tmp_path / "art"
+    small_hf_vision("dinov2", layers=1).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(default_config("dinov2", 48)))
+    result = cli(str(folder), "--checkpoint", str(folder), "--ratio", "0.9", "--batch", "1", "--runs", "1",
+                 "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "schedule.json").read_text())["tokens_in"][0] == 1 + 36
+    assert json.loads((out / "bench.json").read_text())["batch"] == 1
