@@ -116,14 +116,14 @@ def patch(ctx: JobContext) -> None:
         ctx.signature = signature_of(ctx.model, ctx.seq_len)
         classifier = "logits" in ctx.signature.output_names
         ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data and classifier else None
-    if job.data and not classifier:
-        ctx.console.print("[yellow]no accuracy stage: a feature model has no classes to score (--data ignored)[/]")
         if job.resolved_int8_mode() == "static":
             from pipelines.calibration import calibration_feeds
 
             ctx.calibration, ctx.calibration_source = calibration_feeds(
                 job, spec, ctx.model, ctx.signature, ctx.seq_len
             )
+    if job.data and not classifier:
+        ctx.console.print("[yellow]no accuracy stage: a feature model has no classes to score (--data ignored)[/]")
     ctx.console.print(report.schedule_line(ctx.model.token_schedule))
 
 
