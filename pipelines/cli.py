@@ -14,7 +14,7 @@ import signal
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
-SUBCOMMANDS = ("export", "sweep", "schedule", "inspect", "env")
+SUBCOMMANDS = ("export", "sweep", "tune", "schedule", "inspect", "env")
 
 EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure, 4 missing backend (TensorRT, CUDA),
 130 interrupted. Run `pitome-export MODEL ...` (same as `pitome-export export MODEL ...`)."""
@@ -136,12 +136,66 @@ def _add_run_flags(parser: argparse.ArgumentParser, merging: argparse._ArgumentG
     return {"export": out, "benchmark": bench}
 
 
+def _precision_list(text: str) -> list[str]:
+    precisions = text.split(",")
+    for precision in precisions:
+        if precision not in ("fp32", "fp16", "int8"):
+            raise argparse.ArgumentTypeError(f"unknown precision {precision!r}; choose from fp32, fp16, int8")
+    return precisions
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text}")
+    return value
+
+
+def _add_tune_parser(sub) -> None:
+    tune = sub.add_parser("tune", help="the fastest export within an accuracy budget (Optuna search)", epilog=EPILOG)
+    _add_model_flags(tune)
+    budget = tune.add_argument_group("budget and search")
+    budget.add_argument("--max-drop", type=_points, default=0.5, metavar="POINTS",
+                        help="top-1 points the export may lose against the unmerged FP32 model (default 0.5)")  # fmt: skip
+    budget.add_argument("--data", help="labelled data: its test split scores the chosen export (default: the data "
+                        "a shipped model names)")  # fmt: skip
+    budget.add_argument("--tune-data", help="labelled tuning split (default: the data set's training split, or a "
+                        "seeded half of --data held out from the other half)")  # fmt: skip
+    budget.add_argument("--tune-samples", type=positive_int, default=5000, help="tuning samples (default 5000)")
+    budget.add_argument("--limit", type=positive_int, default=None, help="score the chosen export on N test samples")
+    budget.add_argument("--algos", type=_algo_list, default=["pitome", "tome"], help="algorithms searched")
+    budget.add_argument("--precision", dest="precisions", type=_precision_list, default=["fp32"],
+                        help="precisions searched, e.g. fp32,int8 (int8 searches dynamic and static)")  # fmt: skip
+    budget.add_argument("--trials", type=positive_int, default=40, help="completed trials in the study (default 40)")
+    budget.add_argument("--time-budget", type=_minutes, default=None, metavar="MIN",
+                        help="minutes for the whole command; the search stops in time for the final export")  # fmt: skip
+    budget.add_argument("--objective", choices=("latency", "flops"), default="latency",
+                        help="what the search maximises within the budget: measured speed-up or block FLOPs")  # fmt: skip
+    budget.add_argument("--storage", metavar="URL", help="Optuna storage shared by workers (default: a SQLite file "
+                        "beside the output folder; re-running resumes)")  # fmt: skip
+    budget.add_argument("--search-only", action="store_true", help="a worker: add trials to the study, write no folder")
+    budget.add_argument("--seq-len", type=positive_int, default=None, help="fixed sequence length for text models")
+    export = tune.add_argument_group("export")
+    export.add_argument("--target", choices=("onnx", "trt"), default="onnx")
+    export.add_argument("--opset", type=int, default=20, choices=range(18, 21), metavar="{18,19,20}")
+    bench = tune.add_argument_group("benchmark")
+    bench.add_argument("--batch", type=positive_int, default=8, help="benchmark batch size (default 8)")
+    bench.add_argument("--runs", type=positive_int, default=20, help="timed runs per trial (default 20)")
+    bench.add_argument("--threads", type=positive_int, default=2, help="intra-op threads, torch and ORT (default 2)")
+    output = tune.add_argument_group("output")
+    output.add_argument("-o", "--out", help="output folder (default artifacts/MODEL-tune)")
+    output.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pitome-export", description="Export token-merged (PiToMe/ToMe) transformers to ONNX.", epilog=EPILOG
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{export,sweep,schedule,inspect,env}")
+    sub = parser.add_subparsers(dest="command", metavar="{export,sweep,tune,schedule,inspect,env}")
 
     export = sub.add_parser("export", help="export, validate and benchmark a merged model", epilog=EPILOG)
     _add_model_flags(export)
@@ -194,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     merging.add_argument("--algos", type=_algo_list, default=["pitome", "tome"], help="e.g. pitome,tome")
     merging.add_argument("--seq-len", type=positive_int, default=None, help="fixed sequence length for text models")
     _add_run_flags(sweep, merging)
+
+    _add_tune_parser(sub)
 
     schedule = sub.add_parser("schedule", help="print the per-layer token schedule and block FLOPs")
     schedule.add_argument("model")
@@ -285,6 +341,14 @@ def _dispatch(args: argparse.Namespace, console) -> int:
         from pipelines.sweep import SweepJob, run_sweep
 
         run_sweep(SweepJob(model=args.model, ratios=args.ratios, algos=args.algos, **_common(args)), console)
+    elif args.command == "tune":
+        from pipelines.tune.job import TuneJob, run_tune
+
+        fields = ("checkpoint", "random_init", "data", "tune_data", "tune_samples", "limit", "algos", "precisions",
+                  "trials", "time_budget", "objective", "storage", "search_only", "seq_len", "target", "opset",
+                  "out", "force", "threads")  # fmt: skip
+        run_tune(TuneJob(model=args.model, max_drop=args.max_drop, bench_batch=args.batch, bench_runs=args.runs,
+                         **{name: getattr(args, name) for name in fields}), console)  # fmt: skip
     elif args.command == "inspect":
         from pipelines.inspect_graph import print_inspection
 

@@ -268,3 +268,25 @@ def open_text_data(
         return {name: encoded[name].astype(np.int64) for name in input_names}
 
     return LabelledData(source if named else f"text file {source}", labels, load_text)
+
+
+def subset(data: LabelledData, indices: list[int], description: str) -> LabelledData:
+    """The samples `indices` of `data`, in that order, as a data set of their own."""
+    chosen = list(indices)
+
+    def load_chosen(positions: list[int]) -> dict[str, np.ndarray]:
+        return data.loader([chosen[i] for i in positions])
+
+    return LabelledData(description, data.labels[chosen], load_chosen)
+
+
+def split_held_out(data: LabelledData, seed: int = 0) -> tuple[LabelledData, LabelledData]:
+    """(tuning half, test half) of one labelled set: a seeded partition, so no sample is in both."""
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    half = len(order) // 2
+    tuning, test = sorted(order[:half]), sorted(order[half:])
+    return (
+        subset(data, tuning, f"{data.description}, tuning half ({len(tuning)} samples, seed {seed})"),
+        subset(data, test, f"{data.description}, held-out test half ({len(test)} samples, seed {seed})"),
+    )

@@ -195,11 +195,17 @@ def check_precision_flags(job: ExportJob) -> None:
             )
 
 
-def prepare_output(job: ExportJob) -> tuple[Path, Path]:
-    """(final folder, temporary folder beside it); refuses an existing folder without --force."""
+def claim_output(job: ExportJob) -> Path:
+    """The job's output folder; refuses an existing one without --force."""
     final = Path(job.out) if job.out else job.default_out()
     if final.exists() and not job.force:
         raise OutputExistsError(f"output folder {final} exists; pass --force to replace it")
+    return final
+
+
+def prepare_output(job: ExportJob) -> tuple[Path, Path]:
+    """(final folder, temporary folder beside it); refuses an existing folder without --force."""
+    final = claim_output(job)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(final)

@@ -109,8 +109,9 @@ def patch(ctx: JobContext) -> None:
             **text_kwargs,
         )  # fmt: skip
         ctx.signature = signature_of(ctx.model, ctx.seq_len)
-        ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data else None
-        if job.resolved_int8_mode() == "static":
+        if ctx.data is None and job.data:  # a context built with its data (tune's held-out split) keeps it
+            ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature)
+        if job.resolved_int8_mode() == "static" and not ctx.calibration:
             from pipelines.calibration import calibration_feeds
 
             ctx.calibration, ctx.calibration_source = calibration_feeds(
@@ -222,10 +223,11 @@ def baseline(ctx: JobContext) -> None:
         return
     with ctx.step("export the unmerged baseline"):
         ctx.unmerged = unpatch_model(copy.deepcopy(ctx.model))
-        ctx.baseline = export_onnx(
-            ctx.unmerged, None, ctx.scratch / "unmerged.onnx", opset=job.opset, dynamic_batch=not job.static_batch,
-            seq_len=ctx.seq_len,
-        )  # fmt: skip
+        if ctx.baseline is None:  # a context built with it (the tune job's reference graph) keeps it
+            ctx.baseline = export_onnx(
+                ctx.unmerged, None, ctx.scratch / "unmerged.onnx", opset=job.opset,
+                dynamic_batch=not job.static_batch, seq_len=ctx.seq_len,
+            )  # fmt: skip
         if job.reduced_graph:
             ctx.extra_graphs["merged fp32"] = ctx.fp32_graph
             ctx.extra_graphs[f"unmerged {job.precision}"] = ctx.convert(
@@ -348,13 +350,16 @@ def torch_settings(threads: int, seed: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_stages(job: ExportJob, spec: ModelSpec, out: Path, console) -> dict:
-    """Run every stage into `out` and write the reports; return the summary."""
+def run_stages(job: ExportJob, spec: ModelSpec, out: Path, console, **preset: Any) -> dict:
+    """Run every stage into `out` and write the reports; return the summary. `preset` fills
+    context fields before the first stage (the tune job's held-out data, calibration, unmerged
+    graph and the uniform schedules to score beside the chosen one: `data`, `calibration`,
+    `baseline`, `extra_graphs`)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
     with torch_settings(job.threads, job.seed), progress, tempfile.TemporaryDirectory(prefix="pitome-") as scratch:
-        ctx = JobContext(job, spec, out, Path(scratch), console, progress)
+        ctx = JobContext(job, spec, out, Path(scratch), console, progress, **preset)
         for stage in STAGES:
             stage(ctx)
     summary = summarize(ctx)
