@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -28,10 +29,20 @@ def watching() -> Iterator[None]:
     so a later job in the same process starts without an old Ctrl-C."""
     INTERRUPTED.clear()
     previous = signal.signal(signal.SIGINT, _record_and_raise)
+    previous_hook = sys.unraisablehook
+
+    def drop_recorded_interrupt(unraisable) -> None:
+        """A SIGINT that lands in a finalizer or weakref callback cannot propagate; Python would
+        print it as "Exception ignored". It is recorded, and `check` raises it at the next stage."""
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = drop_recorded_interrupt
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
         INTERRUPTED.clear()
 
 

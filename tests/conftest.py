@@ -38,6 +38,7 @@ def _process_state() -> dict:
     hub = sys.modules.get("huggingface_hub.constants")
     return {
         "SIGINT handler": signal.getsignal(signal.SIGINT),
+        "unraisable hook": sys.unraisablehook,
         "interrupt record": interrupts is not None and interrupts.INTERRUPTED.is_set(),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
         "huggingface_hub offline": hub.HF_HUB_OFFLINE if hub is not None else NOT_IMPORTED,

@@ -23,6 +23,30 @@ def test_an_old_ctrl_c_does_not_abort_the_next_job():
         interrupts.check()  # the next job starts clean
 
 
+def test_a_ctrl_c_inside_a_finalizer_is_not_printed_but_still_stops_the_job(capsys):
+    """SIGINT during a weakref callback cannot propagate; Python would print "Exception ignored".
+    Inside a job it is silent, recorded, and raised by the next check."""
+    import gc
+    import sys
+    import weakref
+
+    from pipelines import interrupts
+
+    class Node:
+        pass
+
+    before = sys.unraisablehook
+    with interrupts.watching():
+        node = Node()
+        weakref.finalize(node, lambda: interrupts._record_and_raise(signal.SIGINT, None))
+        del node
+        gc.collect()
+        assert "Exception ignored" not in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert sys.unraisablehook is before
+
+
 def test_going_offline_for_an_unreachable_hub_is_undone_after_the_load(monkeypatch):
     import huggingface_hub.constants as hub
 

@@ -13,12 +13,15 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ops.errors import PitomeError
+from pipelines import interrupts
 from pipelines.tune.space import Candidate, SearchSpace
 from pipelines.tune.trials import TrialBench, eager_top1, evaluate, flop_speedup, patched
 
@@ -37,24 +40,28 @@ def study_name(settings: dict) -> str:
     return f"pitome-tune-{settings['model']}-{digest}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, attempts: int = 3):
     """An Optuna RDB storage with heartbeats (a dead worker's trial is failed and retried), or
-    StorageError with one line when the URL cannot be opened."""
+    StorageError with one line when the URL cannot be opened. Workers that create a new
+    database at the same moment race on its schema: the loser retries and finds it made."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    try:
-        with _quiet_experimental():
-            return RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=2 * HEARTBEAT_SECONDS,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )  # fmt: skip
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
-        raise StorageError(f"cannot open the study storage {url}: {_first_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors for bad URLs, drivers and hosts
-        if type(exc).__module__.startswith("sqlalchemy"):
+    for attempt in range(attempts):
+        try:
+            with _quiet_experimental():
+                return RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=2 * HEARTBEAT_SECONDS,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )  # fmt: skip
+        except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
             raise StorageError(f"cannot open the study storage {url}: {_first_line(exc)}") from None
-        raise
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors for bad URLs, drivers and hosts
+            if not type(exc).__module__.startswith("sqlalchemy"):
+                raise
+            if type(exc).__name__ != "IntegrityError" or attempt == attempts - 1:
+                raise StorageError(f"cannot open the study storage {url}: {_first_line(exc)}") from None
+            time.sleep(0.5 * (attempt + 1))
 
 
 @contextlib.contextmanager
@@ -94,11 +101,13 @@ class Objective:
     objective: str  # latency or flops
 
     def __call__(self, trial) -> float:
+        interrupts.check()  # a Ctrl-C swallowed since the last trial (see pipelines.interrupts)
         candidate = self.space.suggest(trial)
         flops = flop_speedup(self.bench, candidate)
         trial.set_user_attr("candidate", candidate.to_dict())
         trial.set_user_attr("key", candidate.key)
         trial.set_user_attr("flop_speedup", flops)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         result = self._earlier(trial.study, candidate.key) or self._measure(trial, candidate, flops)
         for name, value in result.items():
             trial.set_user_attr(name, value)
@@ -177,6 +186,7 @@ def search(study, objective: Objective, trials: int, deadline: float, on_trial: 
     from optuna.trial import TrialState
 
     def stop_when_done(study, trial) -> None:
+        interrupts.check()
         on_trial(trial)
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         done = sum(t.state == TrialState.COMPLETE for t in finished)
