@@ -119,7 +119,7 @@ def run_model(
     """Every batch size of one model of the grid: all variants x `flavours` (precision, mode), interleaved."""
     from exporter.latency import time_interleaved
     from exporter.signatures import ExportWrapper, signature_of
-    from pipelines.models import load_model, resolve
+    from pipelines.models.registry import load_model, resolve
 
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)

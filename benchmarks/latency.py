@@ -100,7 +100,7 @@ def export_variants(case: Case, scratch: Path, log) -> Variants:
     from exporter.onnx_export import export_onnx
     from exporter.signatures import ExportWrapper, signature_of
     from ops import unpatch_model
-    from pipelines.models import load_model, resolve
+    from pipelines.models.registry import load_model, resolve
 
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
@@ -196,7 +196,7 @@ def time_batch(
 def merged_variants(model: torch.nn.Module, kind: str, case: Case, algos: tuple[str, ...]):
     """Each algo x ratio of `case`, one at a time: (name, patched copy of `model`, block-FLOP ideal)."""
     from ops import patch_model
-    from pipelines.benchmark import flops_summary
+    from pipelines.jobs.benchmark import flops_summary
 
     text = {"seq_len": case.seq_len} if kind == "text" else {}
     for algo in algos:

@@ -1,6 +1,6 @@
 """The command line as users run it: exit codes, one-line errors, complete or absent output folders.
 
-`cli` calls `pipelines.cli.main(argv)` in this process (tests.cli_helpers); `cli_process` starts a real
+`cli` calls `pipelines.cli.commands.main(argv)` in this process (tests.cli_helpers); `cli_process` starts a real
 interpreter, kept where the process is what is tested: `--help`/`--version` and a missing backend
 failing fast (before any heavy import), Ctrl-C, and one end-to-end job."""
 
@@ -183,7 +183,7 @@ def test_random_init_report_says_so_first(tmp_path):
 
 def test_parity_failure_exits_3(tmp_path, monkeypatch, checkpoint):
     from exporter import parity
-    from pipelines import cli as cli_module
+    from pipelines.cli import commands as cli_module
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerances(atol=0.0, rtol=0.0, min_top1=1.0))
     code = cli_module.main(["test_vit", "--checkpoint", str(checkpoint), "--no-bench", "-o", str(tmp_path / "o")])
@@ -230,8 +230,8 @@ def test_sweep_bad_ratio_list(tmp_path):
 
 def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
     """A library's bare `except:` can drop the KeyboardInterrupt; the recorded interrupt still counts."""
-    from pipelines import interrupts
-    from pipelines.export_job import ExportJob, build_output_folder
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.export_job import ExportJob, build_output_folder
 
     def build(folder):
         (folder / "model.onnx").write_text("half")
@@ -253,7 +253,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
 def test_in_process_cli_reads_like_a_subprocess(monkeypatch):
     """tests.cli_helpers.cli, which most tests here use: the exit code from main's return value or a
     SystemExit, and both streams captured at the file-descriptor level (native libraries' writes too)."""
-    from pipelines import cli as cli_module
+    from pipelines.cli import commands as cli_module
 
     def fake_main(argv):
         print("python stdout")

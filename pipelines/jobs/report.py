@@ -224,7 +224,7 @@ def write_preprocessing(model, spec, out: Path) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.save_pretrained(out)
-    from pipelines.models import tokenizer_source
+    from pipelines.models.registry import tokenizer_source
 
     source = tokenizer_source(model, spec)
     if os.path.isdir(source):

@@ -12,17 +12,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from exporter.atomic import make_temp_dir
 from exporter.errors import ParityError
 from ops.errors import PitomeError
-from pipelines import interrupts
-from pipelines.models import ModelSpec, resolve
+from pipelines.jobs import interrupts, options
+from pipelines.jobs.options import RUN_COMMANDS, option, part
 
 TARGETS = ("onnx", "trt")
 DEFAULT_INT8_MODE = "dynamic"  # the faster on ONNX Runtime CPU, measured (README, Quantization)
+if TYPE_CHECKING:
+    from pipelines.models.registry import ModelSpec
+
 T = TypeVar("T")
+# The fields that judge a converted graph (exporter.agreement.AcceptanceRule): meaningless on FP32
+ACCEPTANCE_FIELDS = ("max_accuracy_drop", "min_cosine", "min_top1_agreement", "min_decision_agreement")
 
 
 class OutputExistsError(PitomeError):
@@ -31,45 +36,130 @@ class OutputExistsError(PitomeError):
 
 @dataclass
 class ExportJob:
-    """What the user asked for; the CLI fills it from flags."""
+    """What the user asked for. A field a flag sets declares that flag here (`option`): the CLI,
+    its defaults and the report's option list are built from these declarations."""
 
-    model: str
-    algo: str = "pitome"
-    ratio: float | None = 0.9
-    schedule: list[int] | None = None
-    prop_attn: bool | None = None
-    lowering: str = "matmul"
-    target: str = "onnx"
-    checkpoint: str | None = None
-    random_init: bool = False
-    seq_len: int | None = None
-    opset: int = 20
-    static_batch: bool = False
-    out: str | None = None
-    force: bool = False
-    device: str | None = None
-    parity_batches: tuple[int, ...] = (1, 4)
-    bench: bool = True
-    bench_batch: int = 8
-    bench_runs: int = 20
-    data: str | None = None
-    limit: int | None = None
-    threads: int = 2
-    seed: int = 0
-    precision: str = "fp32"
-    int8_mode: str | None = None  # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
-    calibration: str | None = None  # DIR, FILE, data set name, or a sample count
-    int8_ffn_out: str | None = None  # FFN down-projection in INT8 graphs: fp32, int8; None: by mode
+    model: str = option("model", default=dataclasses.MISSING, group="model", commands=(*RUN_COMMANDS, "schedule"),
+                        help="short name (deit_small, bert_base, ...), timm name or HF id")  # fmt: skip
+    checkpoint: str | None = option(
+        "--checkpoint", group="model", help="local weights: timm .pth/.safetensors or a HF model folder"
+    )
+    random_init: bool = option(
+        "--random-init", default=False, group="model", action="store_true",
+        help="random weights (reports say so first)",
+    )  # fmt: skip
+    algo: str = option("--algo", default="pitome", group="merging", choices=options.ALGOS, commands=("export", "schedule"),
+                       help="merge algorithm")  # fmt: skip
+    ratio: float | None = option(
+        "--ratio", default=0.9, group="merging", type=options.ratio, exclusive=True, commands=("export", "schedule"),
+        help="fraction of tokens kept per layer (default 0.9)",
+    )  # fmt: skip
+    schedule: list[int] | None = option(
+        "--schedule", group="merging", type=options.schedule, exclusive=True, commands=("export", "schedule"),
+        help="explicit tokens merged per layer: 19,17,...",
+    )  # fmt: skip
+    seq_len: int | None = option("--seq-len", group="merging", type=options.positive_int, commands=(*RUN_COMMANDS, "schedule"),
+                                 help="fixed sequence length for text models")  # fmt: skip
+    prop_attn: bool | None = option(
+        "--prop-attn", group="merging", action="store_true", negation="--no-prop-attn",
+        help="proportional attention (default: off for pitome, on for tome)",
+    )  # fmt: skip
+    lowering: str = option(
+        "--merge-impl", default="matmul", group="export", choices=("matmul", "scatter", "plugin", "fused"),
+        help="merge lowering: one-hot MatMul (default, plugin-free), ScatterElements add, one pitome::TokenMerge "
+        "node per layer for the TensorRT plugin, or fused: those nodes and the PyTorch model on CUDA running the "
+        "fused Triton merge kernels (export only)",
+    )  # fmt: skip
+    opset: int = option("--opset", default=20, group="export", type=int, choices=(18, 19, 20), metavar="{18,19,20}")
+    target: str = option("--target", default="onnx", group="export", choices=TARGETS, commands=("export",))
+    static_batch: bool = option("--static-batch", default=False, group="export", action="store_true",
+                                commands=("export",), help="fix the batch dimension")  # fmt: skip
+    device: str | None = option("--device", group="validation", choices=("cpu", "cuda"),
+                                help="PyTorch reference device")  # fmt: skip
+    data: str | None = option(
+        "--data", group="validation", help="labelled data for accuracy: image folder (class/*.jpg), "
+        "Fashion-MNIST IDX folder, or text .csv/.jsonl with text,label",
+    )  # fmt: skip
+    limit: int | None = option("--limit", group="validation", type=options.positive_int,
+                               help="use N samples of --data (seeded)")  # fmt: skip
+    precision: str = option(
+        "--precision", default="fp32", group="precision", choices=("fp32", "fp16", "bf16", "int8"),
+        commands=("export",), help="graph precision; the merge subgraph stays FP32 in every one (default fp32; "
+        "bf16 only for --target trt)",
+    )  # fmt: skip
+    # None: the CPU default (DEFAULT_INT8_MODE), static when calibrating
+    int8_mode: str | None = option(
+        "--int8-mode", group="precision", choices=("dynamic", "static"), commands=("export",),
+        help="INT8 by run-time activation scales (dynamic, the CPU default) or calibrated QDQ (static; what "
+        "TensorRT builds from)",
+    )  # fmt: skip
+    int8_ffn_out: str | None = option(
+        "--int8-ffn-out", group="precision", choices=("fp32", "int8"), commands=("export",),
+        help="precision of the FFN down-projections (the MatMuls after GELU) in an INT8 graph (default: fp32 in "
+        "static INT8, whose symmetric scales lose accuracy on post-GELU activations; int8 in dynamic)",
+    )  # fmt: skip
+    calibration: str | None = option(
+        "--calibration", group="precision", metavar="DIR|FILE|N", commands=("export",),
+        help="static INT8 calibration data: an image/IDX folder, a text file, a packaged data set "
+        "(fashion-mnist:train), or N samples of the model's own training data",
+    )  # fmt: skip
     # Acceptance of a reduced-precision graph against FP32 merged (exporter.agreement.AcceptanceRule)
-    max_accuracy_drop: float = 0.5  # points of top-1, with labelled data
-    min_cosine: tuple[float, float] = (0.99, 0.98)  # logit cosine (mean, worst sample), without labels
-    min_top1_agreement: float | None = None  # gated only when given
-    min_decision_agreement: float | None = None  # per merging layer; gated only when given
-    trt_batches: tuple[int, int, int] = (1, 8, 64)  # TensorRT optimisation profile: min, opt, max batch
-    workspace_mib: int = 4096
-    timing_cache: str | None = None
-    ort_provider: str = "cpu"  # ONNX Runtime route for parity and latency: cpu, cuda, tensorrt
+    max_accuracy_drop: float = option(
+        "--max-accuracy-drop", default=0.5, group="precision", type=options.points, metavar="POINTS", commands=("export",),
+        help="acceptance with labelled data (--data, or the data a shipped model names): top-1 within POINTS of the "
+        "FP32 merged graph on the same samples (default 0.5)",
+    )  # fmt: skip
+    min_cosine: tuple[float, float] = option(
+        default=(0.99, 0.98), group="precision", commands=("export",), parts=(
+            part("--min-mean-cosine", type=options.fraction, metavar="F",
+                 help="acceptance without labels: mean logit cosine with FP32 merged (default 0.99)"),
+            part("--min-cosine", type=options.fraction, metavar="F",
+                 help="acceptance without labels: worst sample's logit cosine (default 0.98)"),
+        ),
+    )  # fmt: skip
+    min_top1_agreement: float | None = option(
+        "--min-top1-agreement", group="precision", type=options.fraction, metavar="F", commands=("export",),
+        help="also gate top-1 agreement with FP32 merged (reported, not gated by default)",
+    )  # fmt: skip
+    min_decision_agreement: float | None = option(
+        "--min-decision-agreement", group="precision", type=options.fraction, metavar="F", commands=("export",),
+        help="also gate per-layer merge-decision agreement (reported, not gated by default)",
+    )  # fmt: skip
+    bench_batch: int = option("--batch", default=8, group="benchmark", type=options.positive_int,
+                              help="benchmark batch size (default 8)")  # fmt: skip
+    bench_runs: int = option("--runs", default=20, group="benchmark", type=options.positive_int,
+                             help="timed runs per candidate (default 20)")  # fmt: skip
+    threads: int = option("--threads", default=2, group="benchmark", type=options.positive_int,
+                          help="intra-op threads, torch and ORT (default 2)")  # fmt: skip
+    bench: bool = option("--no-bench", default=True, group="benchmark", action="store_false", commands=("export",),
+                         help="skip the latency stage")  # fmt: skip
+    ort_provider: str = option(
+        "--ort-provider", default="cpu", group="benchmark", choices=("cpu", "cuda", "tensorrt"), commands=("export",),
+        help="ONNX Runtime execution provider for parity and latency (cuda, tensorrt: onnxruntime-gpu)",
+    )  # fmt: skip
+    trt_batches: tuple[int, int, int] = option(
+        default=(1, 8, 64), group="tensorrt", commands=("export",), parts=(
+            part("--min-batch", type=options.positive_int, help="optimisation profile: smallest batch (default 1)"),
+            part("--opt-batch", type=options.positive_int, help="batch the engine is tuned for (default 8)"),
+            part("--max-batch", type=options.positive_int, help="largest batch (default 64)"),
+        ),
+    )  # fmt: skip
+    workspace_mib: int = option("--workspace", default=4096, group="tensorrt", type=options.positive_int, metavar="MiB",
+                                commands=("export",), help="builder workspace limit")  # fmt: skip
+    timing_cache: str | None = option(
+        "--timing-cache", group="tensorrt", metavar="FILE", commands=("export",),
+        help="timing cache read before and written after each build",
+    )  # fmt: skip
+    out: str | None = option("-o", "--out", group="output", help="output folder (default under artifacts/)")
+    force: bool = option("--force", default=False, group="output", action="store_true",
+                         help="replace an existing output folder")  # fmt: skip
+    parity_batches: tuple[int, ...] = (1, 4)
+    seed: int = 0
     command_line: list[str] = field(default_factory=lambda: ["pitome-export", *sys.argv[1:]])
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:  # an explicit schedule replaces the ratio
+            self.ratio = None
 
     def default_out(self) -> Path:
         ratio = f"r{self.ratio:g}" if self.schedule is None else "sched"
@@ -140,25 +230,17 @@ def check_merge_impl(lowering: str) -> None:
 
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
-    from exporter.quantize import FFN_OUT_PRECISIONS, INT8_MODES, PRECISIONS
-    from exporter.runners import ORT_PROVIDERS, require_ort_provider
+    from exporter.runners import require_ort_provider
 
-    if job.precision not in (*PRECISIONS, "bf16"):
-        raise PitomeError(f"unknown precision {job.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if job.int8_mode is not None and job.int8_mode not in INT8_MODES:
-        raise PitomeError(f"unknown INT8 mode {job.int8_mode!r}; choose one of {', '.join(INT8_MODES)}")
+    options.check_choices(job)
     if job.int8_mode is not None and job.precision != "int8":
         raise PitomeError("--int8-mode applies to --precision int8")
-    if job.int8_ffn_out is not None and job.int8_ffn_out not in FFN_OUT_PRECISIONS:
-        raise PitomeError(f"unknown --int8-ffn-out {job.int8_ffn_out!r}; choose one of {', '.join(FFN_OUT_PRECISIONS)}")
     if job.int8_ffn_out is not None and job.precision != "int8":
         raise PitomeError("--int8-ffn-out applies to --precision int8")
-    acceptance_flags = {  # job field -> the flags that set it
-        "max_accuracy_drop": "--max-accuracy-drop", "min_cosine": "--min-mean-cosine/--min-cosine",
-        "min_top1_agreement": "--min-top1-agreement", "min_decision_agreement": "--min-decision-agreement",
-    }  # fmt: skip
-    defaults = {f.name: f.default for f in dataclasses.fields(ExportJob)}
-    changed = [flag for name, flag in acceptance_flags.items() if getattr(job, name) != defaults[name]]
+    defaults = {f.name: (opt, options.default_of(f)) for f, opt in options.declared(ExportJob)}
+    changed = [
+        options.flag_text(defaults[name][0]) for name in ACCEPTANCE_FIELDS if getattr(job, name) != defaults[name][1]
+    ]
     if changed and not job.reduced_graph:
         raise PitomeError(
             f"{changed[0]} judges a converted graph: use it with --precision int8 (or fp16 with --target onnx)"
@@ -177,10 +259,6 @@ def check_precision_flags(job: ExportJob) -> None:
         raise PitomeError("--merge-impl plugin does not combine with int8: calibration runs the graph on ONNX Runtime")
     if job.fused and job.precision == "fp16" and job.target == "onnx":
         raise PitomeError("--merge-impl plugin with fp16 is for --target trt (the engine keeps the plugin in FP32)")
-    if job.ort_provider not in ORT_PROVIDERS:
-        raise PitomeError(
-            f"unknown ONNX Runtime provider {job.ort_provider!r}; choose one of {', '.join(ORT_PROVIDERS)}"
-        )
     if job.ort_provider != "cpu":
         require_ort_provider(job.ort_provider)  # before any export work
     if job.target == "trt":
@@ -225,7 +303,7 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
 
     Whatever stops `build` (an error, Ctrl-C) removes the temporary folder: nothing partial stays.
     """
-    from pipelines.data import DataError, named_data
+    from pipelines.data.labelled import DataError, named_data
 
     check_precision_flags(job)
     for what, source in (("data", job.data), ("calibration data", job.calibration)):
@@ -245,7 +323,7 @@ def build_output_folder(job: ExportJob, build: Callable[[Path], T]) -> tuple[Pat
 def with_acceptance_data(job: ExportJob, spec: ModelSpec, console) -> ExportJob:
     """A reduced graph is accepted by accuracy where there are labels: without `--data`, the
     data the model was trained for (shipped models name it) when it is installed."""
-    from pipelines.data import named_data_installed
+    from pipelines.data.labelled import named_data_installed
 
     if not job.reduced_graph or job.data is not None or job.random_init or spec.data is None:
         return job
@@ -258,8 +336,9 @@ def with_acceptance_data(job: ExportJob, spec: ModelSpec, console) -> ExportJob:
 
 def run_job(job: ExportJob, console) -> Path:
     """Run the whole job and return the published output folder; raise PitomeError on failure."""
-    from pipelines.report import print_summary
-    from pipelines.stages import run_stages
+    from pipelines.jobs.report import print_summary
+    from pipelines.jobs.stages import run_stages
+    from pipelines.models.registry import resolve
 
     check_target(job.target)
     check_merge_impl(job.lowering)

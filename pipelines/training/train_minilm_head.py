@@ -1,10 +1,10 @@
 """Train the `minilm_sentiment` head: logistic regression on frozen all-MiniLM-L6-v2 embeddings.
 
-    python -m pipelines.train_minilm_head
+    python -m pipelines.training.train_minilm_head
 
-Embeds the Rotten Tomatoes train split (by movie, see `pipelines.rotten_tomatoes`) with the
+Embeds the Rotten Tomatoes train split (by movie, see `pipelines.data.rotten_tomatoes`) with the
 unmerged encoder, fits a linear classifier with L-BFGS and a small L2 penalty, and writes
-`head.safetensors` and `card.md` (data, recipe, seed, accuracy) into `pipelines/assets`.
+`head.safetensors` and `card.md` (data, recipe, seed, accuracy) into `pipelines/models/assets`.
 The head is trained by this project; the encoder is the published all-MiniLM-L6-v2.
 """
 
@@ -20,9 +20,9 @@ import torch
 
 from exporter.atomic import atomic_write, atomic_write_text
 from exporter.signatures import BERT_INPUTS
-from pipelines import rotten_tomatoes
-from pipelines.data import LabelledData, open_text_data
-from pipelines.sentence_classifier import (
+from pipelines.data import rotten_tomatoes
+from pipelines.data.labelled import LabelledData, open_text_data
+from pipelines.models.sentence_classifier import (
     ASSETS,
     HEAD_FILE,
     LABELS,
@@ -63,14 +63,14 @@ def fit(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train_minilm_head", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.training.train_minilm_head", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ASSETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from rich.console import Console
 
-    from pipelines.stages import torch_settings
+    from pipelines.jobs.stages import torch_settings
 
     with torch_settings(args.threads, args.seed):
         return train_head(args, Console())
@@ -130,7 +130,7 @@ normalisation, and this linear head (384 -> {len(LABELS)}: {", ".join(LABELS)}).
 - trained on: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, python {platform.python_version()};
   {seconds / 60:.1f} minutes including embedding
 - accuracy (unmerged, PyTorch): train {accuracy["train"]:.2%}, **test {accuracy["test"]:.2%}**
-- command: `python -m pipelines.train_minilm_head {" ".join(sys.argv[1:])}`
+- command: `python -m pipelines.training.train_minilm_head {" ".join(sys.argv[1:])}`
 """
 
 

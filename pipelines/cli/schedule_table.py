@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ops.flops import schedule_flops
 from ops.schedule import build_schedule
-from pipelines.models import REGISTRY, resolve
+from pipelines.models.registry import REGISTRY, resolve
 
 TEXT_MERGE_LAYERS = (0, 1, 2)
 
@@ -15,7 +15,7 @@ def _layout(name: str, seq_len: int | None) -> tuple[int, int, int, int, float, 
     if spec.name in REGISTRY:
         tokens = (seq_len - 1) if (spec.kind == "text" and seq_len) else spec.num_tokens
         return spec.depth, tokens, spec.num_prefix, spec.dim, spec.mlp_ratio, spec.kind == "text"
-    from pipelines.models import load_model
+    from pipelines.models.registry import load_model
 
     model, _ = load_model(spec, random_init=True)
     if spec.kind == "text":

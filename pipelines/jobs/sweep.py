@@ -9,29 +9,35 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from exporter.atomic import atomic_write, atomic_write_text
-from exporter.errors import ParityError
-from pipelines.export_job import ExportJob, build_output_folder
-from pipelines.models import resolve
-from pipelines.report import random_init_banner
-from pipelines.stages import open_data, torch_settings
+from pipelines.jobs import options
+from pipelines.jobs.export_job import ExportJob
+from pipelines.jobs.options import option
 
 
 @dataclass
 class SweepJob(ExportJob):
-    ratios: list[float] = field(default_factory=lambda: [0.975, 0.95, 0.925, 0.9])
-    algos: list[str] = field(default_factory=lambda: ["pitome", "tome"])
+    """A grid of `algos` x `ratios`, each point exported like an export job's merged graph."""
+
+    ratios: list[float] = option("--ratios", factory=lambda: [0.975, 0.95, 0.925, 0.9], group="merging",
+                                 type=options.ratio_list, commands=("sweep",), help="e.g. 0.95,0.9")  # fmt: skip
+    algos: list[str] = option("--algos", factory=lambda: list(options.ALGOS), group="merging",
+                              type=options.algo_list, commands=("sweep",), help="e.g. pitome,tome")  # fmt: skip
 
     def default_out(self) -> Path:
         return Path("artifacts") / f"{self.model}-sweep"
 
 
 def run_sweep(job: SweepJob, console) -> Path:
+    """Run the sweep into its output folder (published whole) and return it; ParityError (exit 3)
+    when a point's graph failed parity."""
+    from exporter.errors import ParityError
+    from pipelines.jobs.export_job import build_output_folder
+    from pipelines.jobs.stages import torch_settings
+    from pipelines.models.registry import resolve
+
     spec = resolve(job.model)
     with torch_settings(job.threads):
         final, result = build_output_folder(job, lambda tmp: _sweep(job, spec, tmp, console))
@@ -47,11 +53,13 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
     """Export and check every point, time them with the unmerged graph, score them, write the folder."""
     from rich.progress import Progress
 
-    from exporter.onnx_export import export_onnx
+    from exporter.atomic import atomic_write_text
     from exporter.runners import device_name, torch_device
     from exporter.signatures import signature_of
-    from pipelines import report
-    from pipelines.models import load_model
+    from exporter.variants import Variant, export_variant
+    from pipelines.jobs import report
+    from pipelines.jobs.stages import open_data
+    from pipelines.models.registry import load_model
 
     seq_len = job.seq_len or spec.seq_len
     device = torch_device(job.device)
@@ -61,9 +69,9 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
         model, origin = load_model(spec, job.checkpoint, job.random_init)
         signature = signature_of(model, seq_len)
         data = open_data(job, spec, model, seq_len, signature) if job.data else None
-        baseline = export_onnx(model, None, scratch / "unmerged.onnx", opset=job.opset, seq_len=seq_len)
+        baseline, _ = export_variant(model, Variant("unmerged"), scratch, seq_len=seq_len, opset=job.opset)
         progress.update(task, completed=1)
-        points = _export_points(job, spec, model, signature, seq_len, device, scratch, progress)
+        points = _export_points(job, model, signature, seq_len, device, scratch, progress)
         unmerged_latency = _time_points(job, signature, baseline, points, progress)
         check = data if data is not None else _synthetic(signature, job.seed)
         _score_points(job, baseline, points, check, labelled=data is not None, progress=progress)
@@ -82,36 +90,33 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
     return result
 
 
-def _export_points(job: SweepJob, spec, model, signature, seq_len, device, scratch: Path, progress) -> list[dict]:
-    """Patch, export and check parity of every algo x ratio point; each keeps its graph's `path`."""
-    from exporter.onnx_export import export_onnx
+def _export_points(job: SweepJob, model, signature, seq_len, device, scratch: Path, progress) -> list[dict]:
+    """Export and check parity of every algo x ratio point; each keeps its graph's `path`."""
     from exporter.parity import TOLERANCES, parity_feeds, verify_export
-    from ops import patch_model, unpatch_model
-    from pipelines.benchmark import flops_summary
+    from exporter.variants import Variant, export_variant
+    from pipelines.jobs.benchmark import flops_summary
 
     grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
-    text_kwargs = {"seq_len": seq_len} if spec.kind == "text" else {}
     points = []
     task = progress.add_task("export + parity per point", total=len(grid))
     for algo, ratio in grid:
-        patch_model(model, algo=algo, ratio=ratio, prop_attn=job.prop_attn, lowering=job.lowering, **text_kwargs)
-        path = export_onnx(model, None, scratch / f"{algo}-{ratio}.onnx", opset=job.opset, seq_len=seq_len)
+        variant = Variant(f"{algo}@{ratio}", algo, ratio, prop_attn=job.prop_attn, lowering=job.lowering)
+        path, merged = export_variant(model, variant, scratch, seq_len=seq_len, opset=job.opset)
         feeds = parity_feeds(signature, (2,), 1, job.seed)
-        parity = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
+        parity = verify_export(merged, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
         points.append(
             {
                 "algo": algo,
                 "ratio": ratio,
-                "schedule": list(model.token_schedule.merges),
-                "prop_attn": model.merge_config["prop_attn"],
+                "schedule": list(merged.token_schedule.merges),
+                "prop_attn": merged.merge_config["prop_attn"],
                 "parity_passed": parity.passed,
                 "parity": parity.verdict(),
                 "path": path,
-                **flops_summary(model),
+                **flops_summary(merged),
             }
         )
         progress.advance(task)
-    unpatch_model(model)
     return points
 
 
@@ -122,19 +127,13 @@ def _point_name(point: dict) -> str:
 def _time_points(job: SweepJob, signature, baseline: Path, points: list[dict], progress) -> dict:
     """All points and the unmerged graph in one interleaved run; sets each point's latency and
     speed-up, returns the unmerged graph's latency."""
-    from exporter.latency import time_interleaved
-    from exporter.runners import ort_session
+    from exporter.variants import time_graphs
 
     feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
     numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
-    sessions = {"unmerged": ort_session(baseline, threads=job.threads)}
-    sessions.update({_point_name(p): ort_session(p["path"], threads=job.threads) for p in points})
-    task = progress.add_task(f"latency: {len(sessions)} graphs interleaved x {job.bench_runs}", total=1)
-    stats = time_interleaved(
-        {name: (lambda s=s: s.run(None, numpy_feeds)) for name, s in sessions.items()},
-        job.bench_batch,
-        runs=job.bench_runs,
-    )
+    graphs = {"unmerged": baseline, **{_point_name(p): p["path"] for p in points}}
+    task = progress.add_task(f"latency: {len(graphs)} graphs interleaved x {job.bench_runs}", total=1)
+    stats = time_graphs(graphs, numpy_feeds, job.bench_batch, job.bench_runs, job.threads)
     progress.update(task, completed=1)
     for point in points:
         point["latency"] = stats[_point_name(point)].to_dict()
@@ -144,7 +143,7 @@ def _time_points(job: SweepJob, signature, baseline: Path, points: list[dict], p
 
 def _score_points(job: SweepJob, baseline: Path, points: list[dict], check, labelled: bool, progress) -> None:
     """Top-1 (with labels) and agreement with the unmerged graph of every point, in one pass."""
-    from pipelines.accuracy import measure_accuracy
+    from pipelines.jobs.accuracy import measure_accuracy
 
     task = progress.add_task("accuracy" if labelled else "agreement with unmerged", total=-(-len(check) // 32))
     graphs = {_point_name(p): p.pop("path") for p in points}
@@ -161,7 +160,9 @@ def _score_points(job: SweepJob, baseline: Path, points: list[dict], check, labe
 
 def _synthetic(signature, seed: int):
     """Seeded inputs (labels unused) for agreement when no labelled data is given."""
-    from pipelines.data import LabelledData
+    import numpy as np
+
+    from pipelines.data.labelled import LabelledData
 
     tensors = signature.example_inputs(64, seed=seed + 7)
     arrays = {name: tensors[name].numpy() for name in signature.input_names}
@@ -194,11 +195,16 @@ def draw_tradeoff(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    from exporter.atomic import atomic_write
+
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 def sweep_markdown(result: dict) -> str:
+    """report.md of a sweep: the run's context and one table row per point."""
+    from pipelines.jobs.report import random_init_banner
+
     ctx = result["context"]
     lines = random_init_banner(ctx, "agreement and latency")
     lines += [

@@ -1,6 +1,6 @@
 """Train `vit_fmnist`: a small timm ViT on Fashion-MNIST, on the CPU, seeded and resumable.
 
-    python -m pipelines.train_vit_fmnist --epochs 30 --out checkpoints/vit_fmnist
+    python -m pipelines.training.train_vit_fmnist --epochs 30 --out checkpoints/vit_fmnist
 
 The model is trained by this project (it is not a published checkpoint). Every epoch ends with
 a checkpoint (`last.pt`: model, optimizer, step, random state) and a test-set evaluation in
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from exporter.atomic import atomic_write, atomic_write_text
-from pipelines.data import FASHION_MNIST_DIR, read_idx
-from pipelines.vit_fmnist import ARCH, MEAN, STD, architecture
+from pipelines.data.labelled import FASHION_MNIST_DIR, read_idx
+from pipelines.models.vit_fmnist import ARCH, MEAN, STD, architecture
 
 DEFAULT_DATA = FASHION_MNIST_DIR
 RECIPE = {
@@ -41,7 +41,7 @@ RECIPE = {
 
 def load_split(root: Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images `[N, 1, 28, 28]` normalised, labels `[N]`, from the IDX files of `split` (train, test)."""
-    from pipelines.data import DataError, find_idx, idx_stems
+    from pipelines.data.labelled import DataError, find_idx, idx_stems
 
     files = find_idx(root, split)
     if files is None:
@@ -172,13 +172,13 @@ plus a class token, 12 blocks, {sum(p.numel() for p in model.parameters()) / 1e6
 - wall time: {final["wall_seconds"] / 60:.1f} minutes in all, across resumptions and including time the CPU was
   shared or paused; the median epoch took {_median_epoch_minutes(history):.1f} minutes
 - test accuracy (unmerged): **{final["test_accuracy"]:.2%}**
-- command: `python -m pipelines.train_vit_fmnist {" ".join(sys.argv[1:])}`
+- command: `python -m pipelines.training.train_vit_fmnist {" ".join(sys.argv[1:])}`
 """
     atomic_write_text(out / "card.md", card)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train_vit_fmnist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.training.train_vit_fmnist", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"folder with the four IDX files (default {DEFAULT_DATA})")
     parser.add_argument("--out", default="checkpoints/vit_fmnist")
     parser.add_argument("--epochs", type=int, default=30)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from ops.errors import PitomeError
-    from pipelines.stages import torch_settings
+    from pipelines.jobs.stages import torch_settings
 
     try:
         with torch_settings(args.threads):

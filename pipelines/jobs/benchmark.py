@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.latency import time_interleaved
-from exporter.runners import cpu_name, ort_session
-from exporter.signatures import ExportWrapper, ModelSignature
+from exporter.runners import cpu_name
+from exporter.signatures import ModelSignature
+from exporter.variants import eager_call, time_graphs
 from ops.flops import schedule_flops
 
 
@@ -49,34 +49,15 @@ def benchmark_artifact(
     """
     batch = 2 if job.static_batch else job.bench_batch  # a static graph runs at its export batch
     feeds = signature.example_inputs(batch, seed=job.seed)
-    numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
-    inputs = tuple(feeds[name] for name in signature.input_names)
-    merged_session = ort_session(onnx_path, job.ort_provider, threads=job.threads)
-    baseline_session = ort_session(baseline, job.ort_provider, threads=job.threads)
-    eager_merged = ExportWrapper(model, signature).eval()
-    eager_unmerged = ExportWrapper(unmerged, signature).eval()
-
-    def eager(module):
-        def call():
-            with torch.no_grad():
-                module(*inputs)
-
-        return call
-
-    def ort(session):
-        return lambda: session.run(None, numpy_feeds)
-
-    candidates = {
-        "onnxruntime merged": ort(merged_session),
-        "onnxruntime unmerged": ort(baseline_session),
-        **{
-            f"onnxruntime {name}": ort(ort_session(path, job.ort_provider, threads=job.threads))
-            for name, path in (extra or {}).items()
+    graphs = {"merged": onnx_path, "unmerged": baseline, **(extra or {})}
+    stats = time_graphs(
+        {f"onnxruntime {name}": path for name, path in graphs.items()},
+        {name: feeds[name].numpy() for name in signature.input_names}, batch, job.bench_runs, job.threads,
+        job.ort_provider, extra={
+            "pytorch eager merged": eager_call(model, signature, feeds),
+            "pytorch eager unmerged": eager_call(unmerged, signature, feeds),
         },
-        "pytorch eager merged": eager(eager_merged),
-        "pytorch eager unmerged": eager(eager_unmerged),
-    }
-    stats = time_interleaved(candidates, batch, runs=job.bench_runs)
+    )  # fmt: skip
     reference = stats["onnxruntime unmerged"].median_ms
     ort_speedup = reference / stats["onnxruntime merged"].median_ms
     eager_speedup = stats["pytorch eager unmerged"].median_ms / stats["pytorch eager merged"].median_ms

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.runners import ort_session
-from pipelines.data import LabelledData
+from pipelines.data.labelled import LabelledData
 
 
 def _run_padded(session, feeds: dict[str, np.ndarray]) -> np.ndarray:

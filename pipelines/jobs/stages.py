@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter.atomic import atomic_write_text
-from pipelines import interrupts
+from pipelines.jobs import interrupts
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from exporter.agreement import AgreementReport
     from exporter.parity import ParityReport
     from exporter.signatures import ModelSignature
-    from pipelines.data import LabelledData
-    from pipelines.export_job import ExportJob
-    from pipelines.models import ModelSpec
+    from pipelines.data.labelled import LabelledData
+    from pipelines.jobs.export_job import ExportJob
+    from pipelines.models.registry import ModelSpec
 
 ACCURACY_BATCH = 32  # samples per ONNX Runtime call when scoring accuracy
 
@@ -87,7 +87,7 @@ class JobContext:
 
 
 def load(ctx: JobContext) -> None:
-    from pipelines.models import load_model
+    from pipelines.models.registry import load_model
 
     with ctx.step(f"load {ctx.spec.name}"):
         ctx.model, ctx.origin = load_model(ctx.spec, ctx.job.checkpoint, ctx.job.random_init)
@@ -97,7 +97,7 @@ def patch(ctx: JobContext) -> None:
     """Patch the model, freeze its schedule, and open the data it will need (before any export)."""
     from exporter.signatures import signature_of
     from ops import patch_model
-    from pipelines import report
+    from pipelines.jobs import report
 
     job, spec = ctx.job, ctx.spec
     with ctx.step(f"patch: {job.algo}"):
@@ -111,7 +111,7 @@ def patch(ctx: JobContext) -> None:
         ctx.signature = signature_of(ctx.model, ctx.seq_len)
         ctx.data = open_data(job, spec, ctx.model, ctx.seq_len, ctx.signature) if job.data else None
         if job.resolved_int8_mode() == "static":
-            from pipelines.calibration import calibration_feeds
+            from pipelines.jobs.calibration import calibration_feeds
 
             ctx.calibration, ctx.calibration_source = calibration_feeds(
                 job, spec, ctx.model, ctx.signature, ctx.seq_len
@@ -121,8 +121,8 @@ def patch(ctx: JobContext) -> None:
 
 def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature, source=None, limit=None):
     """The data for the accuracy stage (`job.data`), or `source` (calibration), checked before any export work."""
-    from pipelines.data import open_text_data, open_vision_data
-    from pipelines.models import tokenizer_source
+    from pipelines.data.labelled import open_text_data, open_vision_data
+    from pipelines.models.registry import tokenizer_source
 
     labelled = source is None
     source, limit = (job.data, job.limit) if labelled else (source, limit)
@@ -202,7 +202,7 @@ def engine(ctx: JobContext) -> None:
     """`--target trt`: build the engine from the shipped graph and check it on CUDA."""
     if ctx.job.target != "trt":
         return
-    from pipelines.tensorrt_stage import build_and_check
+    from pipelines.jobs.tensorrt_stage import build_and_check
 
     with ctx.step(f"build TensorRT engine ({ctx.job.precision}) and check it on CUDA"):
         sidecar, checked = build_and_check(ctx.job, ctx.model, ctx.signature, ctx.onnx_path, ctx.feeds, ctx.out)
@@ -212,19 +212,15 @@ def engine(ctx: JobContext) -> None:
 
 def baseline(ctx: JobContext) -> None:
     """The unmerged model and its graph, for latency and accuracy (and its reduced twin)."""
-    import copy
-
-    from exporter.onnx_export import export_onnx
-    from ops import unpatch_model
+    from exporter.variants import Variant, export_variant
 
     job = ctx.job
     if not job.bench and ctx.data is None:
         return
     with ctx.step("export the unmerged baseline"):
-        ctx.unmerged = unpatch_model(copy.deepcopy(ctx.model))
-        ctx.baseline = export_onnx(
-            ctx.unmerged, None, ctx.scratch / "unmerged.onnx", opset=job.opset, dynamic_batch=not job.static_batch,
-            seq_len=ctx.seq_len,
+        ctx.baseline, ctx.unmerged = export_variant(
+            ctx.model, Variant("unmerged"), ctx.scratch, seq_len=ctx.seq_len, opset=job.opset,
+            dynamic_batch=not job.static_batch,
         )  # fmt: skip
         if job.reduced_graph:
             ctx.extra_graphs["merged fp32"] = ctx.fp32_graph
@@ -235,13 +231,13 @@ def baseline(ctx: JobContext) -> None:
 
 def latency(ctx: JobContext) -> None:
     """Merged against unmerged, interleaved: ONNX Runtime and eager, or the engines on CUDA."""
-    from pipelines.benchmark import benchmark_artifact
+    from pipelines.jobs.benchmark import benchmark_artifact
 
     job = ctx.job
     if not job.bench:
         return
     if job.target == "trt":
-        from pipelines.tensorrt_stage import ENGINE_NAME, benchmark_engines
+        from pipelines.jobs.tensorrt_stage import ENGINE_NAME, benchmark_engines
 
         with ctx.step(f"benchmark engines, batch {job.bench_batch} x {job.bench_runs} runs"):
             ctx.engine["bench"] = benchmark_engines(
@@ -258,7 +254,7 @@ def latency(ctx: JobContext) -> None:
 
 def accuracy(ctx: JobContext) -> None:
     """Top-1 of every graph on the labelled data; a reduced graph is then accepted by it."""
-    from pipelines.accuracy import measure_accuracy
+    from pipelines.jobs.accuracy import measure_accuracy
 
     if ctx.data is None:
         return
@@ -279,7 +275,7 @@ STAGES: tuple[Callable[[JobContext], None], ...] = (
 def summarize(ctx: JobContext) -> dict:
     """Everything the report, the JSON files and the exit code are made from."""
     from exporter.runners import device_name
-    from pipelines import report
+    from pipelines.jobs import report
 
     job, agreement = ctx.job, ctx.agreement
     schedule = ctx.model.token_schedule
@@ -307,7 +303,7 @@ def summarize(ctx: JobContext) -> dict:
 def write_reports(ctx: JobContext, summary: dict) -> None:
     """The report stage: print the figures and write the JSON files and report.md into the folder."""
     from exporter.parity import print_report
-    from pipelines import report
+    from pipelines.jobs import report
 
     out, console, context = ctx.out, ctx.console, summary["context"]
 
