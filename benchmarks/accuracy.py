@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.atomic import atomic_write, atomic_write_text
-from pipelines.cli import positive_int
+from pipelines.jobs.options import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
 

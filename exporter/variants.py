@@ -135,7 +135,9 @@ def variant_file_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "@.-_" else "_" for c in name)
 
 
-def eager_call(module: torch.nn.Module, signature: ModelSignature, feeds: dict[str, torch.Tensor]) -> Callable[[], None]:
+def eager_call(
+    module: torch.nn.Module, signature: ModelSignature, feeds: dict[str, torch.Tensor]
+) -> Callable[[], None]:
     """A no-argument call of `module` in PyTorch eager on `feeds` (no autograd): a timing candidate."""
     wrapper = ExportWrapper(module, signature).eval()
     inputs = tuple(feeds[name] for name in signature.input_names)

@@ -431,8 +431,8 @@ def test_labelled_rule_judges_accuracy_against_fp32_merged(merged_graph):
     from exporter.agreement import check_reduced_precision
     from exporter.quantize import convert_precision
     from exporter.runners import ort_session
-    from pipelines.jobs.accuracy import measure_accuracy
     from pipelines.data.labelled import LabelledData
+    from pipelines.jobs.accuracy import measure_accuracy
 
     _, fp32, _, folder = merged_graph
     images = np.concatenate([feed["pixel_values"] for feed in _feeds(8, seed=5)])

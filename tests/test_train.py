@@ -21,8 +21,8 @@ def tiny_fmnist(tmp_path):
 
 
 def test_trains_resumes_and_finishes(tmp_path, tiny_fmnist):
-    from pipelines.training.train_vit_fmnist import main
     from pipelines.models.vit_fmnist import build
+    from pipelines.training.train_vit_fmnist import main
 
     out = tmp_path / "run"
     common = ["--data", str(tiny_fmnist), "--out", str(out), "--batch-size", "16", "--threads", "1"]

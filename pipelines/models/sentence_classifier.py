@@ -103,6 +103,8 @@ def build(head: Path | None = None, random_init: bool = False) -> SentenceClassi
         return model.eval()
     path = Path(head) if head is not None else ASSETS / HEAD_FILE
     if not path.is_file():
-        raise ModelLoadError(f"classifier head not found: {path} (train it: python -m pipelines.training.train_minilm_head)")
+        raise ModelLoadError(
+            f"classifier head not found: {path} (train it: python -m pipelines.training.train_minilm_head)"
+        )
     load_weights(model.classifier, str(path), "the minilm_sentiment classifier head")
     return model.eval()

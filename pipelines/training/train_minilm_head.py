@@ -63,7 +63,9 @@ def fit(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.training.train_minilm_head", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.training.train_minilm_head", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", default=str(ASSETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

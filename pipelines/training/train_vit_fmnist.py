@@ -178,7 +178,9 @@ plus a class token, 12 blocks, {sum(p.numel() for p in model.parameters()) / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.training.train_vit_fmnist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.training.train_vit_fmnist", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"folder with the four IDX files (default {DEFAULT_DATA})")
     parser.add_argument("--out", default="checkpoints/vit_fmnist")
     parser.add_argument("--epochs", type=int, default=30)
