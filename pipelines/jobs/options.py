@@ -49,6 +49,11 @@ class Option:
     commands: tuple[str, ...] = RUN_COMMANDS
     parts: tuple[Option, ...] = ()
 
+    @property
+    def positional(self) -> bool:
+        """Whether the option is a positional argument (a flag without a dash: "model")."""
+        return bool(self.flags) and not self.flags[0].startswith("-")
+
 
 def option(*flags: str, default: Any = None, factory: Callable[[], Any] | None = None, **declaration: Any) -> Any:
     """A dataclass field whose default is `default` (or `factory()`; `dataclasses.MISSING`: a
@@ -96,8 +101,10 @@ def _argument(container, dest: str, opt: Option, default: Any) -> None:
         kwargs["action"] = opt.action
     else:
         kwargs.update(type=opt.type, choices=opt.choices, metavar=opt.metavar)
-    if opt.flags[0].startswith("-"):
+    if not opt.positional:
         kwargs["dest"] = dest
+        if opt.action is None and opt.choices is None and opt.metavar is None:  # named by the flag, not the field
+            kwargs["metavar"] = opt.flags[-1].lstrip("-").upper().replace("-", "_")
     container.add_argument(*opt.flags, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
     if opt.negation is not None:
         container.add_argument(opt.negation, dest=dest, action="store_false", default=default)
@@ -149,7 +156,7 @@ def options_by_group(job: Any, changed_only: bool = True) -> dict[str, dict[str,
     grouped: dict[str, dict[str, Any]] = {}
     for f, opt in declared(type(job)):
         value = getattr(job, f.name)
-        if not opt.flags[0].startswith("-") or (changed_only and value == default_of(f)):
+        if opt.positional or (changed_only and value == default_of(f)):
             continue
         grouped.setdefault(opt.group, {})[flag_text(opt)] = list(value) if isinstance(value, tuple) else value
     return {key: grouped[key] for key in GROUPS if key in grouped}

@@ -13,6 +13,7 @@ from exporter.atomic import atomic_write_text
 from exporter.onnx_export import package_versions
 from exporter.runners import cpu_name
 from ops.schedule import TokenSchedule
+from pipelines.jobs.options import options_by_group
 
 
 def git_commit() -> str:
@@ -53,7 +54,18 @@ def run_context(job, spec, origin: str, reference_device: str, reference_kind: s
         "parity_batch_sizes": list(job.parity_batches),
         "bench_batch": job.bench_batch,
         "seed": job.seed,
+        "options": options_by_group(job),  # the options this run changed from their defaults, by group
     }
+
+
+def options_lines(grouped: dict[str, dict]) -> list[str]:
+    """The run's non-default options as markdown list items, one per help group."""
+    if not grouped:
+        return ["- options: all defaults"]
+    return [
+        f"- {group} options: " + ", ".join(f"`{flag} {value}`" for flag, value in values.items())
+        for group, values in grouped.items()
+    ]
 
 
 def schedule_line(schedule: TokenSchedule) -> str:
@@ -301,6 +313,7 @@ def markdown(summary: dict, spec) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ctx["versions"].items()),
         f"- CPU: {ctx['cpu']}; reference device: {ctx['reference_device']}; threads: {ctx['threads']}",
         f"- seed: {ctx['seed']}; parity batch sizes: {ctx['parity_batch_sizes']}",
+        *options_lines(ctx["options"]),
         "",
         "## Schedule",
         "",
