@@ -34,7 +34,7 @@ NOT_IMPORTED = "not imported"
 
 def _process_state() -> dict:
     """What a job must leave as it found it: its caller may run the next one in the same process."""
-    interrupts = sys.modules.get("pipelines.interrupts")
+    interrupts = sys.modules.get("pipelines.jobs.interrupts")
     hub = sys.modules.get("huggingface_hub.constants")
     return {
         "SIGINT handler": signal.getsignal(signal.SIGINT),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ops.schedule import keep_curve, merges_from_ratio
-from pipelines.tune.space import Candidate, ScheduleLayout, SearchSpace
+from pipelines.jobs.tune.space import Candidate, ScheduleLayout, SearchSpace
 from tests.cli_helpers import ROOT, cli, one_line_error
 
 FAST = ("--runs", "2", "--batch", "2", "--tune-samples", "16", "--threads", "2")  # trials cheap to measure
@@ -66,14 +66,14 @@ def test_candidate_key_names_the_graph():
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
-    from pipelines.tune.report import pareto_front
+    from pipelines.jobs.tune.report import pareto_front
 
     points = [(1.0, 0.90), (1.5, 0.89), (1.4, 0.85), (2.0, 0.80), (1.2, 0.90)]
     assert pareto_front(points) == [3, 1, 4]
 
 
 def test_study_name_changes_with_what_decides_a_trial():
-    from pipelines.tune.study import study_name
+    from pipelines.jobs.tune.study import study_name
 
     settings = {"model": "vit_fmnist", "max_drop": 0.5, "tuning_data": "x"}
     assert study_name(settings) == study_name(dict(settings))
@@ -102,8 +102,8 @@ def _splits(tmp_path, **job_fields):
     import timm
 
     from exporter.signatures import signature_of
-    from pipelines.models import resolve
-    from pipelines.tune.job import TuneJob, open_splits
+    from pipelines.jobs.tune.job import TuneJob, open_splits
+    from pipelines.models.registry import resolve
 
     model = timm.create_model("test_vit").eval()
     job = TuneJob(model="test_vit", **job_fields)
@@ -128,15 +128,15 @@ def test_tune_data_is_the_tuning_split_and_data_the_test_split(tmp_path):
 
 
 def test_a_named_data_set_tunes_on_its_training_split():
-    from pipelines.data import named_data_installed
+    from pipelines.data.labelled import named_data_installed
 
     if not named_data_installed("fashion-mnist"):
         pytest.skip("Fashion-MNIST is not installed (make install apt-gets dataset-fashion-mnist)")
     import torch
 
     from exporter.signatures import signature_of
-    from pipelines.models import load_model, resolve
-    from pipelines.tune.job import TuneJob, open_splits
+    from pipelines.jobs.tune.job import TuneJob, open_splits
+    from pipelines.models.registry import load_model, resolve
 
     spec = resolve("vit_fmnist")
     model, _ = load_model(spec, None, random_init=True)
@@ -272,7 +272,7 @@ def test_two_workers_share_one_study(tmp_path):
 def test_no_trial_within_budget_is_exit_3_with_the_most_accurate_report(tmp_path, monkeypatch):
     """Every merged schedule scored 1 point below the unmerged model (the measurement stood in
     for; the search, the budget check, the choice and the written folder are real)."""
-    monkeypatch.setattr("pipelines.tune.study.eager_top1", lambda bench, model: bench.reference_top1 - 0.01)
+    monkeypatch.setattr("pipelines.jobs.tune.study.eager_top1", lambda bench, model: bench.reference_top1 - 0.01)
     data = _image_folder(tmp_path / "data", [0, 1] * 4)
     out = tmp_path / "out"
     result = cli(*_tune_args(data, out, f"sqlite:///{tmp_path / 'study.db'}", 2))
