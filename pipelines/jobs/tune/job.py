@@ -97,19 +97,10 @@ class Splits:
 
 
 def check_tune_job(job: TuneJob) -> None:
-    """Reject what cannot run, before any work (one line, exit 2; a missing backend exit 4)."""
+    """Reject combinations that cannot run, before any work (one line, exit 2; a missing backend
+    exit 4). Each value on its own is checked by its flag's type (pipelines.jobs.options)."""
     from pipelines.jobs.export_job import check_target
-    from pipelines.jobs.options import PRECISIONS
 
-    if job.trials < 1:
-        raise PitomeError("--trials must be at least 1")
-    if not job.max_drop >= 0:
-        raise PitomeError(f"--max-drop must be a number of points >= 0, got {job.max_drop}")
-    if job.time_budget is not None and not job.time_budget > 0:
-        raise PitomeError(f"--time-budget must be a positive number of minutes, got {job.time_budget}")
-    for precision in job.precisions:
-        if precision not in PRECISIONS:
-            raise PitomeError(f"unknown precision {precision!r} in --precision; choose from {', '.join(PRECISIONS)}")
     if "fp16" in job.precisions and job.target == "onnx":
         raise PitomeError("fp16 graphs run slower than FP32 on ONNX Runtime CPU: search fp16 with --target trt")
     check_target(job.target)

@@ -33,17 +33,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _row(name: str, summary: dict, choice, setup) -> dict:
-    """Test-split top-1, drop and the final run's speed-up of one scored graph."""
+def _row(name: str, timing_name: str, summary: dict, choice) -> dict:
+    """Test-split top-1 and drop of one scored graph (`name` in the accuracy stage), and its
+    speed-up in the final timing run (`timing_name` there)."""
     top1 = summary["accuracy"]["top1"]
-    unmerged = top1["unmerged"]
-    timing = choice.timing
-    reference_ms = timing[REFERENCE].median_ms
-    key = name if name in timing else (choice.candidate.key if name == "merged" else None)
+    reference_ms = choice.timing[REFERENCE].median_ms
     return {
         "test_top1": top1[name],
-        "test_drop_points": 100.0 * (unmerged - top1[name]),
-        "speedup": reference_ms / timing[key].median_ms if key in timing else 1.0,
+        "test_drop_points": 100.0 * (top1["unmerged"] - top1[name]),
+        "speedup": reference_ms / choice.timing[timing_name].median_ms,
     }
 
 
@@ -55,14 +53,14 @@ def tune_outcome(setup, choice, job, summary: dict) -> dict:
         "candidate": chosen.to_dict(), "label": chosen.key, "trial": trial.number if trial else None,
         "tuning_top1": trial.user_attrs.get("top1", trial.user_attrs.get("eager_top1")) if trial else bench.reference_top1,
         "flop_speedup": trial.user_attrs["flop_speedup"] if trial else 1.0,
-        **_row("merged", summary, choice, setup),
+        **_row("merged", chosen.key, summary, choice),
     }  # fmt: skip
     baselines = {}
     for name, candidate in choice.baselines.items():
         source = [t for t in completed(setup.study) if t.user_attrs["key"] == candidate.key][0]
         baselines[name] = {
             "candidate": candidate.to_dict(), "tuning_top1": source.user_attrs["top1"],
-            "flop_speedup": source.user_attrs["flop_speedup"], **_row(name, summary, choice, setup),
+            "flop_speedup": source.user_attrs["flop_speedup"], **_row(name, name, summary, choice),
         }  # fmt: skip
     test_drop = chosen_row["test_drop_points"]
     return {

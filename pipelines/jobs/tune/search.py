@@ -36,7 +36,6 @@ class TuneSetup:
     space: SearchSpace
     study: object  # optuna.Study
     origin: str
-    started: float  # time.monotonic() when the reference was ready
     reserve_seconds: float  # what the final export is expected to take
 
 
@@ -105,7 +104,7 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
         bench.calibration_source = (
             f"{min(CALIBRATION_SAMPLES, len(splits.tuning))} samples of {splits.tuning.description}"
         )
-    return _measure_reference(TuneSetup(spec, splits, bench, space, study, origin, 0.0, 0.0), console)
+    return _measure_reference(TuneSetup(spec, splits, bench, space, study, origin, 0.0), console)
 
 
 def _measure_reference(setup: TuneSetup, console) -> TuneSetup:
@@ -118,7 +117,6 @@ def _measure_reference(setup: TuneSetup, console) -> TuneSetup:
     scored = time.monotonic()
     test_scoring = (scored - exported) * len(setup.splits.test) / max(1, bench.samples)
     setup.reserve_seconds = 5 * (exported - began) + 5 * test_scoring + 30
-    setup.started = scored
     console.print(
         f"unmerged FP32 on the tuning split: top-1 {100 * bench.reference_top1:.2f}% of {bench.samples} "
         f"({setup.splits.tuning.description}); test split: {setup.splits.test.description}"
@@ -191,22 +189,24 @@ def _most_accurate(study):
 
 def select(setup: TuneSetup, job: TuneJob, console) -> Choice:
     """Re-time the finalists and the reference together; the fastest within the budget wins
-    (the largest FLOP saving with `--objective flops`). No feasible trial: the most accurate."""
+    (the largest FLOP saving with `--objective flops`). No trial within the budget: the most
+    accurate one is timed and written."""
     bench = setup.bench
     finalists, baselines, trials = _finalists(setup)
-    reference = Candidate("pitome", False, (0,) * bench.layout.depth)
+    within_budget = bool(finalists)
+    if not within_budget:
+        best = _most_accurate(setup.study)
+        finalists, trials = {best.user_attrs["key"]: candidate_of(best)}, {best.user_attrs["key"]: best}
     graphs = {REFERENCE: bench.reference}
     graphs.update({key: bench.graph(c) for key, c in {**finalists, **baselines}.items()})
     console.print(f"final timing: {len(graphs)} graphs interleaved x {3 * bench.runs} runs")
     timing = time_against(bench, graphs, runs=3 * bench.runs)
     baseline_graphs = {name: graphs[name] for name in baselines}
-    if not finalists:
-        best = _most_accurate(setup.study)
-        return Choice(candidate_of(best), best, False, timing, {}, baselines, baseline_graphs, False)
-    if job.objective == "flops":
+    if not within_budget or job.objective == "flops":
         key = max(finalists, key=lambda k: (trials[k].user_attrs["flop_speedup"], -timing[k].median_ms))
     else:  # the unmerged FP32 graph competes too: it keeps any budget
         key = min([*finalists, REFERENCE], key=lambda k: timing[k].median_ms)
+    reference = Candidate("pitome", False, (0,) * bench.layout.depth)
     candidate, trial = (reference, None) if key == REFERENCE else (finalists[key], trials[key])
     pays = candidate.merged and timing[key].median_ms < timing[REFERENCE].median_ms
-    return Choice(candidate, trial, True, timing, finalists, baselines, baseline_graphs, pays)
+    return Choice(candidate, trial, within_budget, timing, finalists, baselines, baseline_graphs, pays)
