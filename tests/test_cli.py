@@ -58,7 +58,7 @@ def test_env_subcommand():
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["deit_small", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+        (["deit_small", "--ratio", "1.5"], "ratio must be a number in (0, 1], got 1.5"),
         (["deit_small", "--ratio", "abc"], "ratio must be a number"),
         (["deit_small", "--random-init", "--ratio", "0.4"], "PiToMe needs ratio >= 0.5"),
         (["deit_small", "--random-init", "--schedule", "1,2,3"], "3 entries but the model has 12 layers"),
@@ -224,7 +224,7 @@ def test_sweep_writes_plot_and_table(tmp_path):
 
 
 def test_sweep_bad_ratio_list(tmp_path):
-    one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be in (0, 1]")
+    one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be a number in (0, 1], got 2")
     one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")
 
 

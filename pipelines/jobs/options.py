@@ -167,15 +167,41 @@ def options_by_group(job: Any, changed_only: bool = True) -> dict[str, dict[str,
 # argparse types: a value, or an ArgumentTypeError that argparse turns into one usage line (exit 2).
 
 
+def _number(text: str, convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Any:
+    """argparse type body: `convert(text)` when `accept` takes it, else a one-line usage error
+    saying what was `expected`."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text}")
+    return value
+
+
 def ratio(text: str) -> float:
     """argparse type: the fraction of tokens kept per layer, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "ratio must be a number in (0, 1]")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _number(text, float, lambda v: 0.0 <= v <= 1.0, "expected a fraction in [0, 1]")
+
+
+def points(text: str) -> float:
+    """argparse type: a finite number of accuracy points >= 0."""
+    return _number(text, float, lambda v: 0.0 <= v < float("inf"), "expected a number of points >= 0")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, lambda v: v >= 1, "expected a positive integer")
+
+
+def minutes(text: str) -> float:
+    """argparse type: a positive, finite number of minutes."""
+    return _number(text, float, lambda v: 0.0 < v < float("inf"), "expected a positive number of minutes")
 
 
 def schedule(text: str) -> list[int]:
@@ -189,39 +215,6 @@ def schedule(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
-    return value
-
-
-def points(text: str) -> float:
-    """argparse type: a finite number of accuracy points >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text!r}") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, or a one-line usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def ratio_list(text: str) -> list[float]:
     """argparse type: comma-separated ratios, "0.95,0.9"."""
     return [ratio(part) for part in text.split(",")]
@@ -230,13 +223,18 @@ def ratio_list(text: str) -> list[float]:
 ALGOS = ("pitome", "tome")
 
 
+def _choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
+    """argparse type body: comma-separated values, each one of `choices`."""
+    values = text.split(",")
+    for value in values:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return values
+
+
 def algo_list(text: str) -> list[str]:
-    """argparse type: comma-separated merge algorithms, "pitome,tome"."""
-    algos = text.split(",")
-    for algo in algos:
-        if algo not in ALGOS:
-            raise argparse.ArgumentTypeError(f"unknown algo {algo!r}; choose from {', '.join(ALGOS)}")
-    return algos
+    """argparse type: comma-separated algorithms, "pitome,tome"."""
+    return _choice_list(text, ALGOS, "algo")
 
 
 PRECISIONS = ("fp32", "fp16", "int8")  # precisions a tune search may try (int8: dynamic and static)
@@ -244,19 +242,4 @@ PRECISIONS = ("fp32", "fp16", "int8")  # precisions a tune search may try (int8:
 
 def precision_list(text: str) -> list[str]:
     """argparse type: comma-separated precisions from PRECISIONS."""
-    precisions = text.split(",")
-    for precision in precisions:
-        if precision not in PRECISIONS:
-            raise argparse.ArgumentTypeError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    return precisions
-
-
-def minutes(text: str) -> float:
-    """argparse type: a positive, finite number of minutes."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text}")
-    return value
+    return _choice_list(text, PRECISIONS, "precision")
