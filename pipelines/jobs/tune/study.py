@@ -25,7 +25,7 @@ from pipelines.jobs import interrupts
 from pipelines.jobs.tune.space import Candidate, SearchSpace
 from pipelines.jobs.tune.trials import TrialBench, eager_top1, evaluate, flop_speedup, patched
 
-FLOP_SLACK = 0.9  # a trial is measured unless its FLOP speed-up is below 90% of the best feasible one's
+FLOP_SLACK = 0.9  # by latency, a trial saving under 90% of the best feasible one's FLOPs cannot be faster
 MAX_TRIALS_FACTOR = 5  # pruned (never exported) trials end a search after this many times --trials
 HEARTBEAT_SECONDS = 30  # a worker that dies leaves its trial failed after twice this, and it is retried
 
@@ -115,13 +115,14 @@ class Objective:
         return result["speedup"] if self.objective == "latency" else flops
 
     def _measure(self, trial, candidate: Candidate, flops: float) -> dict:
-        """Pre-filter, then export and measure. Pruned (never exported): a schedule saving fewer
-        FLOPs than the best feasible trial (it cannot be much faster), or one whose PyTorch FP32
-        top-1 already misses the budget (its export would too: they agree to ~1e-6)."""
+        """Pre-filter, then export and measure. Pruned (never exported): a schedule that cannot beat
+        the best feasible trial on FLOPs (`_may_win`; the queued uniform schedules are always
+        measured, they are the baselines), or one whose PyTorch FP32 top-1 already misses the
+        budget (its export would too: they agree to ~1e-6)."""
         import optuna
 
         best = self._best_feasible_flops(trial.study)
-        if self.objective == "latency" and best is not None and flops < FLOP_SLACK * best:
+        if not trial.user_attrs.get("seed") and best is not None and not self._may_win(flops, best):
             trial.set_user_attr("pruned", f"block-FLOP speed-up {flops:.2f}x, below the best feasible {best:.2f}x")
             raise optuna.TrialPruned()
         model = patched(self.bench, candidate)
@@ -134,6 +135,11 @@ class Objective:
                 trial.set_user_attr("pruned", f"PyTorch FP32 top-1 {100 * eager:.2f}% loses {drop:.2f} points")
                 raise optuna.TrialPruned()
         return evaluate(self.bench, candidate, model)
+
+    def _may_win(self, flops: float, best: float) -> bool:
+        """Whether a schedule of this FLOP speed-up can still beat the best feasible trial: by
+        FLOPs, only a larger saving; by latency, anything within FLOP_SLACK of it."""
+        return flops > best if self.objective == "flops" else flops >= FLOP_SLACK * best
 
     def _over_budget(self, trial, drop_points: float) -> None:
         """Record the points lost beyond the budget: the study's constraint (feasible when <= 0)."""
