@@ -44,7 +44,7 @@ lint: install
 	$(BIN)/ruff check ops exporter pipelines tests benchmarks
 	$(BIN)/ruff format --check ops exporter pipelines tests benchmarks
 
-# The main job on a model that works offline: vit_fmnist (weights shipped in pipelines/assets), PiToMe at 0.9,
+# The main job on a model that works offline: vit_fmnist (weights shipped in pipelines/models/assets), PiToMe at 0.9,
 # to ONNX, scored on the Fashion-MNIST test split.
 demo: install
 	$(BIN)/pitome-export vit_fmnist --ratio 0.9 --target onnx --data fashion-mnist --force

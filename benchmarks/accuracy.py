@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.atomic import atomic_write, atomic_write_text
-from pipelines.cli import positive_int
+from pipelines.jobs.options import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
 
@@ -54,7 +54,7 @@ CALIBRATION_SAMPLES = 256  # static INT8: this many samples of the model's own t
 
 def run_model(model: str, exp: Experiment, scratch: Path, runs: int, limit: int | None, console) -> dict:
     """One sweep per proportional-attention setting; their points and the unmerged baseline; the INT8 points."""
-    from pipelines.sweep import SweepJob, run_sweep
+    from pipelines.jobs.sweep import SweepJob, run_sweep
 
     points, unmerged = [], None
     for prop in exp.prop_attn:
@@ -80,7 +80,7 @@ def int8_point(model: str, exp: Experiment, mode: str, ffn_out: str, scratch: Pa
     """PiToMe at `exp.int8_ratio` in INT8 (`mode`, FFN down-projections in `ffn_out`), with its FP32
     twin and the INT8 unmerged graph, scored on the same test samples; static calibration on the
     model's own training data. The agreement bars are off: the point is to measure, not to gate."""
-    from pipelines.export_job import ExportJob, run_job
+    from pipelines.jobs.export_job import ExportJob, run_job
 
     out = scratch / f"{model}-int8-{mode}-ffn-{ffn_out}"
     job = ExportJob(

@@ -102,7 +102,7 @@ def _error(exc: BaseException) -> str:
 def _forward_fused(name: str, ratio: float, seq_len: int | None, precision: str, device: torch.device) -> None:
     from exporter.signatures import ExportWrapper, signature_of
     from ops import patch_model
-    from pipelines.models import load_model, resolve
+    from pipelines.models.registry import load_model, resolve
 
     model, _ = load_model(resolve(name), random_init=True)
     model = patch_model(model, ratio=ratio, merge_impl="fused", **({"seq_len": seq_len} if seq_len else {}))
@@ -196,7 +196,7 @@ def check_models(device: torch.device) -> list[dict]:
     """Fused vs decomposed logits of the targets' models (random init), FP32 and FP16 autocast."""
     from exporter.signatures import ExportWrapper, signature_of
     from ops import patch_model, repatch
-    from pipelines.models import load_model, resolve
+    from pipelines.models.registry import load_model, resolve
 
     rows = []
     for name, ratio, seq_len in (("deit_small", 0.9, None), ("bert_base", 0.7, 128)):

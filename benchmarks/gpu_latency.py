@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import platform
 import shlex
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.latency import ALGOS, FULL, RESULTS, SKIPPED, merged_variants, without_merge
-from pipelines.cli import positive_int
+from pipelines.jobs.options import positive_int
 
 MODES = ("eager", "graph")
 PRECISIONS = ("fp32", "fp16")
@@ -81,16 +80,19 @@ def _timed(run: Callable[[], None], device: torch.device) -> Callable[[], float]
     return call
 
 
-def model_variants(model, kind: str, case, algos: tuple[str, ...], impls: tuple[str, ...], merge_share: bool):
+def model_variants(model, case, algos: tuple[str, ...], impls: tuple[str, ...], merge_share: bool):
     """{candidate name: (module, block-FLOP ideal, decomposed variant it belongs to)}: unmerged, then
     each algo@ratio with every merge implementation, and its merge-skipped twin if `merge_share`."""
-    from ops import repatch
+    from exporter.variants import variant_model
 
     variants = {"unmerged": (model, 1.0, None)}
-    for name, merged, ideal in merged_variants(model, kind, case, algos):
+    for variant, merged, ideal in merged_variants(model, case, algos):
+        name = variant.name
         for impl in impls:
             fused = impl == "fused"
-            module = repatch(copy.deepcopy(merged), merge_impl="fused") if fused else merged
+            module = (
+                variant_model(model, dataclasses.replace(variant, lowering="fused"), case.seq_len) if fused else merged
+            )
             variants[f"{name} fused" if fused else name] = (module, ideal, name)
         if merge_share:
             variants[f"{name} {SKIPPED}"] = (without_merge(merged), ideal, name)
@@ -119,12 +121,12 @@ def run_model(
     """Every batch size of one model of the grid: all variants x `flavours` (precision, mode), interleaved."""
     from exporter.latency import time_interleaved
     from exporter.signatures import ExportWrapper, signature_of
-    from pipelines.models import load_model, resolve
+    from pipelines.models.registry import load_model, resolve
 
     spec = resolve(case.model)
     model, _ = load_model(spec, random_init=True)
     signature = signature_of(model, case.seq_len)
-    variants = model_variants(model, spec.kind, case, algos, impls, with_share)
+    variants = model_variants(model, case, algos, impls, with_share)
     modules = {name: ExportWrapper(m, signature).eval().to(device) for name, (m, _, _) in variants.items()}
     rows = []
     for batch in batches:

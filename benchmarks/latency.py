@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.cli import positive_int
+from pipelines.jobs.options import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,53 +101,47 @@ def run_case(
 
 def export_variants(case: Case, scratch: Path, log) -> Variants:
     """The unmerged graph, every algo x ratio, and the last PiToMe ratio with its merges skipped."""
-    from exporter.onnx_export import export_onnx
-    from exporter.signatures import ExportWrapper, signature_of
-    from ops import unpatch_model
-    from pipelines.models import load_model, resolve
+    from exporter.signatures import signature_of
+    from exporter.variants import Variant, export_module, export_variant
+    from pipelines.models.registry import load_model, resolve
 
-    spec = resolve(case.model)
-    model, _ = load_model(spec, random_init=True)
+    model, _ = load_model(resolve(case.model), random_init=True)
     signature = signature_of(model, case.seq_len)
+    unmerged, unmerged_module = export_variant(model, Variant("unmerged"), scratch, seq_len=case.seq_len)
     variants = Variants(
-        signature, f"pitome@{case.ratios[-1]}",
-        graphs={"unmerged": export_onnx(model, None, scratch / "unmerged.onnx", seq_len=case.seq_len)},
-        flops={"unmerged": 1.0}, eager={"unmerged": ExportWrapper(model, signature).eval()},
+        signature, f"pitome@{case.ratios[-1]}", graphs={"unmerged": unmerged}, flops={"unmerged": 1.0},
+        eager={"unmerged": unmerged_module},
     )  # fmt: skip
-    for name, merged, ideal in merged_variants(model, spec.kind, case, ALGOS):
-        log(f"  export {case.model} {name}")
-        variants.graphs[name] = export_onnx(merged, None, scratch / f"{name}.onnx", seq_len=case.seq_len)
-        variants.flops[name] = ideal
-        if name == variants.profiled:
-            variants.eager[name] = ExportWrapper(merged, signature).eval()
-            skipped = f"{name} {SKIPPED}"
+    for variant, merged, ideal in merged_variants(model, case, ALGOS):
+        log(f"  export {case.model} {variant.name}")
+        variants.graphs[variant.name] = export_module(merged, variant, scratch / f"{variant.name}.onnx",
+                                                      seq_len=case.seq_len)  # fmt: skip
+        variants.flops[variant.name] = ideal
+        if variant.name == variants.profiled:
+            variants.eager[variant.name] = merged
+            skipped = f"{variant.name} {SKIPPED}"
             path = scratch / "skipped.onnx"
-            variants.graphs[skipped] = export_onnx(without_merge(merged), None, path, seq_len=case.seq_len)
+            variants.graphs[skipped] = export_module(without_merge(merged), variant, path, seq_len=case.seq_len)
             variants.flops[skipped] = ideal
-    unpatch_model(model)
     return variants
 
 
 def quantize_variants(variants: Variants, case: Case, int8_modes: tuple[str, ...], scratch: Path, log) -> None:
     """INT8 beside FP32 for the unmerged graph and the profiled PiToMe one, so merging and
     quantization can be read apart and together, all against FP32 unmerged."""
-    from exporter.quantize import convert_precision
+    from exporter.variants import Conversion, Variant, convert_variant
 
-    calibration = None
+    conversion = Conversion()
     if "static" in int8_modes:
-        calibration = [
-            {k: v.numpy() for k, v in variants.signature.example_inputs(8, seed=100 + i).items()}
-            for i in range(CALIBRATION_BATCHES)
-        ]
+        feeds = [variants.signature.example_inputs(8, seed=100 + i) for i in range(CALIBRATION_BATCHES)]
+        conversion = Conversion([{k: v.numpy() for k, v in f.items()} for f in feeds], "seeded synthetic inputs")
     for mode in int8_modes:
         for name in ("unmerged", variants.profiled):
             log(f"  quantize {case.model} {name} to int8 ({mode})")
             quantized = name + INT8_SUFFIX[mode]
-            source = "seeded synthetic inputs" if mode == "static" else None
+            variant = Variant(quantized, precision="int8", int8_mode=mode)
             path = scratch / f"{name}-int8-{mode}.onnx"
-            variants.graphs[quantized] = convert_precision(
-                variants.graphs[name], path, "int8", mode, calibration, source
-            )
+            variants.graphs[quantized] = convert_variant(variants.graphs[name], variant, path, conversion)
             variants.flops[quantized] = variants.flops[name]
 
 
@@ -155,19 +149,15 @@ def time_batch(
     variants: Variants, case: Case, batch: int, runs: int, threads: int, log, breakdowns: list[dict]
 ) -> list[dict]:
     """Every candidate at one batch size, interleaved in one run; the profiled graph's merge cost."""
-    from exporter.latency import time_interleaved
     from exporter.profiling import profile_ort
-    from exporter.runners import ort_session
+    from exporter.variants import eager_call, time_graphs
 
     feeds = variants.signature.example_inputs(batch, seed=0)
     arrays = {k: v.numpy() for k, v in feeds.items()}
-    inputs = tuple(feeds[name] for name in variants.signature.input_names)
-    sessions = {name: ort_session(path, threads=threads) for name, path in variants.graphs.items()}
-    candidates = {f"ort {n}": (lambda s=s, a=arrays: s.run(None, a)) for n, s in sessions.items()}
-    for name, module in variants.eager.items():
-        candidates[f"eager {name}"] = lambda m=module, i=inputs: _eager(m, i)
-    log(f"  time {case.model} batch {batch}: {len(candidates)} candidates x {runs} runs")
-    stats = time_interleaved(candidates, batch, runs=runs)
+    eager = {f"eager {name}": eager_call(module, variants.signature, feeds) for name, module in variants.eager.items()}
+    graphs = {f"ort {name}": path for name, path in variants.graphs.items()}
+    log(f"  time {case.model} batch {batch}: {len(graphs) + len(eager)} candidates x {runs} runs")
+    stats = time_graphs(graphs, arrays, batch, runs, threads, extra=eager)
     profiled = variants.profiled
     profile = profile_ort(variants.graphs[profiled], arrays, runs=5, threads=threads)
     breakdowns.append({"model": case.model, "graph": profiled, "batch": batch, **profile})
@@ -197,16 +187,16 @@ def time_batch(
     return rows
 
 
-def merged_variants(model: torch.nn.Module, kind: str, case: Case, algos: tuple[str, ...]):
-    """Each algo x ratio of `case`, one at a time: (name, patched copy of `model`, block-FLOP ideal)."""
-    from ops import patch_model
-    from pipelines.benchmark import flops_summary
+def merged_variants(model: torch.nn.Module, case: Case, algos: tuple[str, ...]):
+    """Each algo x ratio of `case`, one at a time: (Variant, patched copy of `model`, block-FLOP ideal)."""
+    from exporter.variants import Variant, variant_model
+    from pipelines.jobs.benchmark import flops_summary
 
-    text = {"seq_len": case.seq_len} if kind == "text" else {}
     for algo in algos:
         for ratio in case.ratios:
-            merged = patch_model(copy.deepcopy(model), algo=algo, ratio=ratio, **text)
-            yield f"{algo}@{ratio}", merged, flops_summary(merged)["block_flop_speedup"]
+            variant = Variant(f"{algo}@{ratio}", algo, ratio)
+            merged = variant_model(model, variant, case.seq_len)
+            yield variant, merged, flops_summary(merged)["block_flop_speedup"]
 
 
 SKIPPED = "(merge skipped)"
@@ -246,11 +236,6 @@ def merge_cost(merged, skipped, profile: dict) -> dict:
         "merge_share_latency_min": 1.0 - skipped.min_ms / merged.min_ms,
         "merge_share": profile["merge_share"],
     }
-
-
-def _eager(module: torch.nn.Module, inputs: tuple) -> None:
-    with torch.no_grad():
-        module(*inputs)
 
 
 def environment(threads: int) -> dict:

@@ -79,7 +79,7 @@ class AgreementReport:
     accuracy: dict | None = None  # labelled data: samples, top-1 of FP32 merged and reduced
 
     def attach_accuracy(self, accuracy: dict, reduced: str = "merged", fp32: str = "merged fp32") -> None:
-        """Judge by accuracy from now on: `accuracy` is `pipelines.accuracy.measure_accuracy`'s
+        """Judge by accuracy from now on: `accuracy` is `pipelines.jobs.accuracy.measure_accuracy`'s
         result, in which `reduced` and `fp32` name the two graphs scored on the same samples."""
         self.accuracy = {
             "data": accuracy["data"],

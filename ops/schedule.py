@@ -26,6 +26,7 @@ class TokenSchedule:
     merges: tuple[int, ...]
     tokens: tuple[int, ...]
     num_prefix: int
+    merge_layers: tuple[int, ...] | None = None  # the layers allowed to merge; None: every layer
 
     @property
     def depth(self) -> int:
@@ -53,15 +54,43 @@ def merges_from_ratio(
     `ratio` is the fraction of non-prefix tokens kept at every merging layer; layers outside
     `merge_layers` (default: all) keep everything.
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ScheduleError(f"ratio must be in (0, 1], got {ratio}")
-    layers = set(range(depth)) if merge_layers is None else set(merge_layers)
+    layers = range(depth) if merge_layers is None else merge_layers
+    return merges_from_layer_ratios(num_tokens, depth, dict.fromkeys(layers, ratio))
+
+
+def merges_from_layer_ratios(num_tokens: int, depth: int, ratios: dict[int, float]) -> list[int]:
+    """Merges when layer `l` keeps the fraction `ratios[l]` of the tokens entering it (the
+    reference's `floor(T_l - T_l * ratio)`); layers not in `ratios` keep everything."""
+    for ratio in ratios.values():
+        if not 0.0 < ratio <= 1.0:
+            raise ScheduleError(f"ratio must be in (0, 1], got {ratio}")
     merges, t = [], num_tokens
     for layer in range(depth):
-        r = math.floor(t - t * ratio) if layer in layers and ratio < 1.0 else 0
+        ratio = ratios.get(layer, 1.0)
+        r = math.floor(t - t * ratio) if ratio < 1.0 else 0
         merges.append(r)
         t -= r
     return merges
+
+
+def keep_curve(knots: Sequence[float], merge_layers: Sequence[int]) -> dict[int, float]:
+    """Per-layer kept fractions along a piecewise-linear curve through `knots`, spaced evenly over
+    the merging layers (first knot at the first, last at the last); as many knots as layers
+    gives each layer its own. Equal knots give the uniform ratio exactly, so a curve search
+    contains every uniform schedule."""
+    layers = list(merge_layers)
+    if not knots:
+        raise ScheduleError("a keep curve needs at least one knot")
+    if len(knots) == 1 or len(layers) == 1:
+        return dict.fromkeys(layers, float(knots[0]))
+    curve = {}
+    for position, layer in enumerate(layers):
+        at = position * (len(knots) - 1) / (len(layers) - 1)  # where this layer sits among the knots
+        left = min(int(at), len(knots) - 2)
+        weight = at - left
+        low, high = knots[left], knots[left + 1]
+        curve[layer] = float(low if low == high else low + (high - low) * weight)
+    return curve
 
 
 def build_schedule(
@@ -96,7 +125,8 @@ def build_schedule(
             raise ScheduleError(f"layer {layer}: cannot merge {r} of {t} tokens (at most half, {t // 2})")
         tokens.append(t)
         t -= r
-    return TokenSchedule(tuple(merges), tuple(tokens), num_prefix)
+    layers = None if merge_layers is None else tuple(sorted(set(merge_layers)))
+    return TokenSchedule(tuple(merges), tuple(tokens), num_prefix, layers)
 
 
 def parse_schedule(text: str) -> list[int]:

@@ -1,1 +1,1 @@
-"""End-to-end jobs (export -> validate -> benchmark -> report) and the CLI."""
+"""End-to-end jobs (export -> validate -> benchmark -> report), the CLI, the model registry and data."""

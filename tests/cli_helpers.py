@@ -1,4 +1,4 @@
-"""Run the CLI: in this process through `pipelines.cli.main(argv)` (fast: no interpreter start and
+"""Run the CLI: in this process through `pipelines.cli.commands.main(argv)` (fast: no interpreter start and
 no second import of torch), or as a real subprocess where the process itself is what is tested
 (`--help` speed, Ctrl-C, one end-to-end job).
 
@@ -26,7 +26,7 @@ def cli(*args: str, timeout: float | None = None, **env_extra: str) -> subproces
 
     `timeout` is accepted for the subprocess signature's sake and not enforced here.
     """
-    from pipelines.cli import main
+    from pipelines.cli.commands import main
 
     argv = [str(a) for a in args]
     with _environ({"COLUMNS": "160", **env_extra}), _captured() as streams:

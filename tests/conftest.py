@@ -34,10 +34,11 @@ NOT_IMPORTED = "not imported"
 
 def _process_state() -> dict:
     """What a job must leave as it found it: its caller may run the next one in the same process."""
-    interrupts = sys.modules.get("pipelines.interrupts")
+    interrupts = sys.modules.get("pipelines.jobs.interrupts")
     hub = sys.modules.get("huggingface_hub.constants")
     return {
         "SIGINT handler": signal.getsignal(signal.SIGINT),
+        "unraisable hook": sys.unraisablehook,
         "interrupt record": interrupts is not None and interrupts.INTERRUPTED.is_set(),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
         "huggingface_hub offline": hub.HF_HUB_OFFLINE if hub is not None else NOT_IMPORTED,

@@ -1,6 +1,6 @@
 """The command line as users run it: exit codes, one-line errors, complete or absent output folders.
 
-`cli` calls `pipelines.cli.main(argv)` in this process (tests.cli_helpers); `cli_process` starts a real
+`cli` calls `pipelines.cli.commands.main(argv)` in this process (tests.cli_helpers); `cli_process` starts a real
 interpreter, kept where the process is what is tested: `--help`/`--version` and a missing backend
 failing fast (before any heavy import), Ctrl-C, and one end-to-end job."""
 
@@ -58,7 +58,7 @@ def test_env_subcommand():
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["deit_small", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+        (["deit_small", "--ratio", "1.5"], "ratio must be a number in (0, 1], got 1.5"),
         (["deit_small", "--ratio", "abc"], "ratio must be a number"),
         (["deit_small", "--random-init", "--ratio", "0.4"], "PiToMe needs ratio >= 0.5"),
         (["deit_small", "--random-init", "--schedule", "1,2,3"], "3 entries but the model has 12 layers"),
@@ -183,7 +183,7 @@ def test_random_init_report_says_so_first(tmp_path):
 
 def test_parity_failure_exits_3(tmp_path, monkeypatch, checkpoint):
     from exporter import parity
-    from pipelines import cli as cli_module
+    from pipelines.cli import commands as cli_module
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerances(atol=0.0, rtol=0.0, min_top1=1.0))
     code = cli_module.main(["test_vit", "--checkpoint", str(checkpoint), "--no-bench", "-o", str(tmp_path / "o")])
@@ -224,14 +224,14 @@ def test_sweep_writes_plot_and_table(tmp_path):
 
 
 def test_sweep_bad_ratio_list(tmp_path):
-    one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be in (0, 1]")
+    one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be a number in (0, 1], got 2")
     one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
     """A library's bare `except:` can drop the KeyboardInterrupt; the recorded interrupt still counts."""
-    from pipelines import interrupts
-    from pipelines.export_job import ExportJob, build_output_folder
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.export_job import ExportJob, build_output_folder
 
     def build(folder):
         (folder / "model.onnx").write_text("half")
@@ -253,7 +253,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_publish(tmp_path):
 def test_in_process_cli_reads_like_a_subprocess(monkeypatch):
     """tests.cli_helpers.cli, which most tests here use: the exit code from main's return value or a
     SystemExit, and both streams captured at the file-descriptor level (native libraries' writes too)."""
-    from pipelines import cli as cli_module
+    from pipelines.cli import commands as cli_module
 
     def fake_main(argv):
         print("python stdout")
@@ -270,3 +270,78 @@ def test_in_process_cli_reads_like_a_subprocess(monkeypatch):
         assert result.returncode == code
         assert result.stdout.splitlines() == ["python stdout", "native stdout"]
         assert result.stderr.splitlines() == ["python stderr", "native stderr"]
+
+
+def test_flag_defaults_are_the_jobs_defaults():
+    """Each option is declared once (pipelines.jobs.options): a job from no flags is the job's defaults."""
+    from pipelines.cli.commands import build_parser
+    from pipelines.jobs.export_job import ExportJob
+    from pipelines.jobs.options import job_fields
+    from pipelines.jobs.sweep import SweepJob
+
+    for command, job_cls in (("export", ExportJob), ("sweep", SweepJob)):
+        args = build_parser().parse_args([command, "test_vit"])
+        assert job_cls(**job_fields(args, job_cls, command)) == job_cls(model="test_vit")
+    args = build_parser().parse_args(["export", "m", "--schedule", "3,2", "--min-cosine", "0.5", "--max-batch", "9"])
+    job = ExportJob(**job_fields(args, ExportJob, "export"))
+    assert (job.ratio, job.schedule, job.min_cosine, job.trt_batches) == (None, [3, 2], (0.99, 0.5), (1, 8, 9))
+
+
+def test_option_choices_are_what_the_library_supports():
+    from exporter.quantize import FFN_OUT_PRECISIONS, INT8_MODES, PRECISIONS
+    from exporter.runners import ORT_PROVIDERS
+    from pipelines.jobs.export_job import ExportJob
+    from pipelines.jobs.options import declared
+
+    choices = {f.name: set(opt.choices) for f, opt in declared(ExportJob) if opt.choices is not None}
+    assert choices["precision"] == {*PRECISIONS, "bf16"} and choices["int8_mode"] == set(INT8_MODES)
+    assert choices["int8_ffn_out"] == set(FFN_OUT_PRECISIONS) and choices["ort_provider"] == set(ORT_PROVIDERS)
+
+
+def test_a_job_made_in_python_is_held_to_the_flags_choices():
+    from ops.errors import PitomeError
+    from pipelines.jobs.export_job import ExportJob, check_precision_flags
+
+    with pytest.raises(PitomeError, match="unknown --precision 'int4'; choose one of fp32, fp16, bf16, int8"):
+        check_precision_flags(ExportJob(model="test_vit", precision="int4"))
+
+
+def test_report_lists_the_changed_options_by_group():
+    from pipelines.jobs.export_job import ExportJob
+    from pipelines.jobs.options import options_by_group
+
+    job = ExportJob(model="m", algo="tome", trt_batches=(1, 4, 8), out="o")
+    assert options_by_group(job) == {
+        "merging": {"--algo": "tome"}, "tensorrt": {"--min-batch/--opt-batch/--max-batch": [1, 4, 8]},
+        "output": {"--out": "o"},
+    }  # fmt: skip
+    assert options_by_group(job, changed_only=False)["benchmark"]["--batch"] == 8
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    code = (
+        "import sys; from pipelines.cli.commands import build_parser; build_parser(); "
+        "heavy = [m for m in ('torch', 'numpy', 'onnx', 'onnxruntime') if m in sys.modules]; assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_ships_no_training_scripts_and_the_model_assets():
+    """pyproject's package selection: pipelines.training stays in the checkout, the assets ship."""
+    import importlib
+
+    import tomllib
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    config = pyproject["tool"]["setuptools"]
+    found = config["packages"]["find"]
+    packages = find_packages(str(ROOT), include=found["include"], exclude=found["exclude"])
+    assert "pipelines.models" in packages and "pipelines.cli" in packages
+    assert not [p for p in packages if p.startswith("pipelines.training")]
+    shipped = [p for glob in config["package-data"]["pipelines.models"] for p in (ROOT / "pipelines/models").glob(glob)]
+    assert {p.parent.name for p in shipped} == {"vit_fmnist", "minilm_sentiment"}
+    module, _, function = pyproject["project"]["scripts"]["pitome-export"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))  # the console entry point resolves

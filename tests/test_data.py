@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.data import DataError, open_text_data, open_vision_data, read_idx
+from pipelines.data.labelled import DataError, open_text_data, open_vision_data, read_idx
 from tests.cli_helpers import cli, one_line_error
 from tests.data_helpers import write_idx
 

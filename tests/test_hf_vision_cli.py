@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.models import REGISTRY, resolve
+from pipelines.models.registry import REGISTRY, resolve
 from tests.cli_helpers import cli, one_line_error
 from tests.models import small_hf_vision
 
@@ -19,7 +19,7 @@ def test_short_names_are_hf_vision_models():
 
 
 def test_random_init_short_names_build_the_published_architectures_offline():
-    from pipelines.models import load_model
+    from pipelines.models.registry import load_model
 
     built = {}
     for name in ("vit_base_hf", "clip_b16", "dinov2_small"):
@@ -33,7 +33,7 @@ def test_random_init_short_names_build_the_published_architectures_offline():
 def test_clip_random_init_from_a_full_clip_config_builds_the_image_tower(tmp_path):
     from transformers import CLIPConfig
 
-    from pipelines.models import load_model
+    from pipelines.models.registry import load_model
 
     vision = small_hf_vision("clip", layers=1).config.to_dict()
     CLIPConfig(text_config={"num_hidden_layers": 1}, vision_config=vision).save_pretrained(tmp_path)
@@ -102,7 +102,7 @@ def test_accuracy_on_an_image_folder_for_a_classifier_and_none_for_features(tmp_
 def test_dinov2_runs_at_its_processors_crop_merged_and_unmerged(tmp_path):
     """The published DINOv2 config says 518 but its processor crops 224: the export, the unmerged
     baseline and the latency stage all run at the crop."""
-    from pipelines.image_processor import default_config
+    from pipelines.models.image_processor import default_config
 
     folder, out = tmp_path / "dinov2", tmp_path / "art"
     small_hf_vision("dinov2", layers=1).save_pretrained(folder)

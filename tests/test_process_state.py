@@ -10,7 +10,7 @@ import pytest
 
 def test_an_old_ctrl_c_does_not_abort_the_next_job():
     """One Ctrl-C, recorded during one job, neither leaks into the next nor keeps our handler."""
-    from pipelines import interrupts
+    from pipelines.jobs import interrupts
 
     before = signal.getsignal(signal.SIGINT)
     with interrupts.watching():
@@ -23,10 +23,34 @@ def test_an_old_ctrl_c_does_not_abort_the_next_job():
         interrupts.check()  # the next job starts clean
 
 
+def test_a_ctrl_c_inside_a_finalizer_is_not_printed_but_still_stops_the_job(capsys):
+    """SIGINT during a weakref callback cannot propagate; Python would print "Exception ignored".
+    Inside a job it is silent, recorded, and raised by the next check."""
+    import gc
+    import sys
+    import weakref
+
+    from pipelines import interrupts
+
+    class Node:
+        pass
+
+    before = sys.unraisablehook
+    with interrupts.watching():
+        node = Node()
+        weakref.finalize(node, lambda: interrupts._record_and_raise(signal.SIGINT, None))
+        del node
+        gc.collect()
+        assert "Exception ignored" not in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert sys.unraisablehook is before
+
+
 def test_going_offline_for_an_unreachable_hub_is_undone_after_the_load(monkeypatch):
     import huggingface_hub.constants as hub
 
-    from pipelines import models
+    from pipelines.models import registry as models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "hub_resolves", lambda timeout=3.0: False)

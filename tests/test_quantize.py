@@ -98,7 +98,7 @@ def test_ffn_down_projections_are_found_with_gelu_decomposed_or_whole(tmp_path, 
 
 
 def test_report_says_when_no_ffn_down_projection_was_found():
-    from pipelines.report import precision_markdown
+    from pipelines.jobs.report import precision_markdown
 
     precision = {"precision": "int8", "int8_mode": "static", "calibration": "c", "int8_ffn_out": "fp32",
                  "int8_ffn_fp32_nodes": 0, "agreement": None}  # fmt: skip
@@ -431,8 +431,8 @@ def test_labelled_rule_judges_accuracy_against_fp32_merged(merged_graph):
     from exporter.agreement import check_reduced_precision
     from exporter.quantize import convert_precision
     from exporter.runners import ort_session
-    from pipelines.accuracy import measure_accuracy
-    from pipelines.data import LabelledData
+    from pipelines.data.labelled import LabelledData
+    from pipelines.jobs.accuracy import measure_accuracy
 
     _, fp32, _, folder = merged_graph
     images = np.concatenate([feed["pixel_values"] for feed in _feeds(8, seed=5)])

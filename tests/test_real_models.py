@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.data import FASHION_MNIST_DIR
+from pipelines.data.labelled import FASHION_MNIST_DIR
 from tests.cli_helpers import cli, one_line_error
 
 needs_minilm = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def test_mean_pooling_with_sizes_tracks_the_unmerged_embedding():
     from transformers import AutoTokenizer
 
     from ops import patch_model, unpatch_model
-    from pipelines.sentence_classifier import SEQ_LEN, build, encoder_path
+    from pipelines.models.sentence_classifier import SEQ_LEN, build, encoder_path
 
     model = build()
     tokenizer = AutoTokenizer.from_pretrained(encoder_path())
@@ -70,7 +70,7 @@ def test_rotten_tomatoes_split_by_movie():
     import bz2
     import csv
 
-    from pipelines import rotten_tomatoes
+    from pipelines.data import rotten_tomatoes
 
     train, test = rotten_tomatoes.load("train"), rotten_tomatoes.load("test")
     assert (len(train[0]), len(test[0])) == (10833, 1975) and set(train[1]) == set(test[1]) == {0, 1}
@@ -103,7 +103,7 @@ def test_minilm_sentiment_end_to_end(tmp_path):
 def test_vit_fmnist_accuracy_matches_its_card(tmp_path):
     """The shipped checkpoint through the CLI: 1,000 test images, unmerged and PiToMe 0.9 in ONNX
     Runtime, each within 0.5 points of the figures recorded beside the weights."""
-    from pipelines.vit_fmnist import ASSETS
+    from pipelines.models.vit_fmnist import ASSETS
 
     recorded = json.loads((ASSETS / "check.json").read_text())
     out = tmp_path / "fm"

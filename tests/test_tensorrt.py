@@ -231,14 +231,14 @@ def test_engine_matches_pytorch_on_cuda(tmp_path, merge_impl):
     ],
 )
 def test_trt_job_flags_are_checked_before_any_work(changes, message):
-    from pipelines.export_job import ExportJob, check_precision_flags
+    from pipelines.jobs.export_job import ExportJob, check_precision_flags
 
     with pytest.raises(PitomeError, match=message):
         check_precision_flags(ExportJob(model="deit_tiny", target="trt", **changes))
 
 
 def test_report_renders_the_engine_section(vision_pair):
-    from pipelines.report import engine_markdown
+    from pipelines.jobs.report import engine_markdown
 
     car = make_sidecar(onnx.load(vision_pair[2]), EngineSpec("fp16"), "10.9.0", "NVIDIA H100", 3.0)
     stats = {"median_ms": 1.5, "min_ms": 1.4, "p90_ms": 1.6, "p99_ms": 1.7, "throughput": 5333.3, "cv": 0.01,

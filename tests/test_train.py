@@ -21,8 +21,8 @@ def tiny_fmnist(tmp_path):
 
 
 def test_trains_resumes_and_finishes(tmp_path, tiny_fmnist):
-    from pipelines.train_vit_fmnist import main
-    from pipelines.vit_fmnist import build
+    from pipelines.models.vit_fmnist import build
+    from pipelines.training.train_vit_fmnist import main
 
     out = tmp_path / "run"
     common = ["--data", str(tiny_fmnist), "--out", str(out), "--batch-size", "16", "--threads", "1"]
@@ -39,14 +39,14 @@ def test_trains_resumes_and_finishes(tmp_path, tiny_fmnist):
 
 
 def test_missing_data_is_exit_2(tmp_path, capsys):
-    from pipelines.train_vit_fmnist import main
+    from pipelines.training.train_vit_fmnist import main
 
     assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "1"]) == 2
     assert "install dataset-fashion-mnist or pass --data DIR" in capsys.readouterr().err
 
 
 def test_augment_keeps_shape_and_is_seeded():
-    from pipelines.train_vit_fmnist import augment
+    from pipelines.training.train_vit_fmnist import augment
 
     x = torch.randn(6, 1, 28, 28)
     a = augment(x, torch.Generator().manual_seed(1))

@@ -35,7 +35,7 @@ def test_optimum_loads_and_runs_the_merged_export(tmp_path, text_model_folder):
     from transformers import AutoTokenizer
 
     from ops import patch_model
-    from pipelines.models import ModelSpec, load_model
+    from pipelines.models.registry import ModelSpec, load_model
 
     model, _ = load_model(ModelSpec("local", str(text_model_folder), "text"), str(text_model_folder))
     patch_model(model, ratio=0.7, seq_len=32)

@@ -1,0 +1,65 @@
+"""Top-1 accuracy of the merged and unmerged ONNX graphs on the same labelled samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from exporter.runners import ort_session
+from pipelines.data.labelled import LabelledData
+
+
+def _run_padded(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Run a session; a static-batch graph gets its batch filled up with copies of the last row."""
+    n = next(iter(feeds.values())).shape[0]
+    fixed = session.get_inputs()[0].shape[0]
+    if not isinstance(fixed, int) or fixed == n:
+        return session.run(None, feeds)[0]
+    outputs = []
+    for start in range(0, n, fixed):
+        chunk = {k: v[start : start + fixed] for k, v in feeds.items()}
+        short = fixed - next(iter(chunk.values())).shape[0]
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+        outputs.append(session.run(None, chunk)[0][: fixed - short])
+    return np.concatenate(outputs)
+
+
+def measure_accuracy(
+    merged: Path,
+    unmerged: Path,
+    data: LabelledData,
+    batch_size: int = 32,
+    threads: int | None = None,
+    progress=None,
+    extra: dict[str, Path] | None = None,
+) -> dict:
+    """Accuracy of both graphs, their prediction agreement, and the change in points.
+
+    `extra` graphs (other precisions, other ratios) are measured on the same samples in the same
+    pass; `top1` and `agreement_with_unmerged` list every graph.
+    """
+    graphs = {"merged": merged, "unmerged": unmerged, **(extra or {})}
+    sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
+    predictions: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    for feeds, _ in data.batches(batch_size):
+        for name, session in sessions.items():
+            logits = _run_padded(session, feeds)
+            predictions[name].append(logits.reshape(logits.shape[0], -1).argmax(-1))
+        if progress is not None:
+            progress()
+    predicted = {name: np.concatenate(p) for name, p in predictions.items()}
+    top1 = {name: float((p == data.labels).mean()) for name, p in predicted.items()}
+    merged_pred, unmerged_pred = predicted["merged"], predicted["unmerged"]
+    top1_merged, top1_unmerged = top1["merged"], top1["unmerged"]
+    return {
+        "data": data.description,
+        "samples": len(data),
+        "top1_merged": top1_merged,
+        "top1_unmerged": top1_unmerged,
+        "delta_points": 100.0 * (top1_merged - top1_unmerged),
+        "agreement": float((merged_pred == unmerged_pred).mean()),
+        "top1": top1,
+        "agreement_with_unmerged": {name: float((p == unmerged_pred).mean()) for name, p in predicted.items()},
+    }

@@ -1,0 +1,150 @@
+"""What one tuning trial measures: its graph's top-1 on the tuning split and its latency against
+the unmerged FP32 graph, on the target backend (ONNX Runtime), interleaved in one run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.variants import Conversion, Variant, convert_variant, export_module, time_graphs, variant_model
+from pipelines.jobs.tune.space import Candidate, ScheduleLayout
+
+REFERENCE = "unmerged fp32"
+
+
+@dataclass
+class TrialBench:
+    """Everything a trial is measured with, built once per tuning run.
+
+    `batches` is the tuning split in memory (feeds, labels) at the accuracy batch size, so every
+    trial scores the same samples in the same batches (dynamic INT8 depends on the batch).
+    """
+
+    model: torch.nn.Module  # loaded, unpatched; trials patch copies
+    kind: str  # vision or text
+    seq_len: int | None
+    signature: object  # exporter.signatures.ModelSignature
+    layout: ScheduleLayout
+    num_prefix: int
+    width: tuple[int, float]  # embedding width, MLP ratio (block FLOPs)
+    batches: list[tuple[dict[str, np.ndarray], np.ndarray]]
+    calibration: list[dict[str, np.ndarray]]
+    calibration_source: str
+    scratch: Path
+    threads: int
+    bench_batch: int
+    runs: int
+    opset: int
+    seed: int = 0
+    graphs: dict[str, Path] = field(default_factory=dict)  # candidate key -> exported graph (this process)
+    reference_top1: float | None = None
+
+    @property
+    def samples(self) -> int:
+        return sum(len(labels) for _, labels in self.batches)
+
+    def graph(self, candidate: Candidate, model: torch.nn.Module | None = None) -> Path:
+        """The candidate's graph, exported (and converted) once per process; `model` is its
+        patched model when the caller has it already."""
+        if candidate.key not in self.graphs:
+            model = model if model is not None else patched(self, candidate)
+            self.graphs[candidate.key] = export_candidate(self, candidate, model, self.scratch / f"g{len(self.graphs)}")
+        return self.graphs[candidate.key]
+
+    @property
+    def reference(self) -> Path:
+        """The unmerged FP32 graph: the budget's and the speed-ups' reference."""
+        return self.graph(Candidate("pitome", False, (0,) * self.layout.depth))
+
+
+def variant_of(candidate: Candidate) -> Variant:
+    """The candidate as an `exporter.variants.Variant` (its key names it)."""
+    if not candidate.merged:
+        return Variant(candidate.key, precision=candidate.precision, int8_mode=candidate.int8_mode)
+    return Variant(
+        candidate.key, candidate.algo, schedule=candidate.merges, prop_attn=candidate.prop_attn,
+        precision=candidate.precision, int8_mode=candidate.int8_mode,
+    )  # fmt: skip
+
+
+def patched(bench: TrialBench, candidate: Candidate) -> torch.nn.Module:
+    """A copy of the model merging as the candidate says (the caller's model is left as it was)."""
+    return variant_model(bench.model, variant_of(candidate), bench.seq_len if bench.kind == "text" else None)
+
+
+def export_candidate(bench: TrialBench, candidate: Candidate, model: torch.nn.Module, stem: Path) -> Path:
+    """Export the candidate's patched model and convert it to the candidate's precision."""
+    variant = variant_of(candidate)
+    fp32 = export_module(model, variant, stem.with_suffix(".fp32.onnx"), seq_len=bench.seq_len, opset=bench.opset)
+    if candidate.precision == "fp32":
+        return fp32
+    conversion = Conversion(bench.calibration, bench.calibration_source)
+    return convert_variant(fp32, variant, stem.with_suffix(f".{candidate.precision}.onnx"), conversion)
+
+
+def eager_top1(bench: TrialBench, model: torch.nn.Module) -> float:
+    """Top-1 of the patched PyTorch model (FP32) on the tuning split: the cheap accuracy
+    pre-filter (the FP32 export equals it to ~1e-6, proven by the parity suite)."""
+    from exporter.signatures import ExportWrapper
+
+    wrapper = ExportWrapper(model, bench.signature).eval()
+    correct = 0
+    with torch.no_grad():
+        for feeds, labels in bench.batches:
+            logits = wrapper(*(torch.from_numpy(feeds[name]) for name in bench.signature.input_names))
+            correct += int((logits.reshape(len(labels), -1).argmax(-1).numpy() == labels).sum())
+    return correct / bench.samples
+
+
+def top1(bench: TrialBench, graph: Path) -> float:
+    """Top-1 of a graph on the tuning split."""
+    from exporter.runners import ort_session
+
+    session = ort_session(graph, threads=bench.threads)
+    correct = 0
+    for feeds, labels in bench.batches:
+        logits = session.run(None, feeds)[0]
+        correct += int((logits.reshape(len(labels), -1).argmax(-1) == labels).sum())
+    return correct / bench.samples
+
+
+def time_against(bench: TrialBench, graphs: dict[str, Path], runs: int | None = None) -> dict:
+    """Latency stats of every graph, timed in one interleaved run on ONNX Runtime CPU."""
+    inputs = bench.signature.example_inputs(bench.bench_batch, seed=bench.seed)
+    feeds = {name: inputs[name].numpy() for name in bench.signature.input_names}
+    return time_graphs(graphs, feeds, bench.bench_batch, runs or bench.runs, bench.threads)
+
+
+def flop_speedup(bench: TrialBench, candidate: Candidate) -> float:
+    """Block-FLOP speed-up of the candidate's schedule over the unmerged model."""
+    from ops.flops import schedule_flops
+    from ops.schedule import build_schedule
+
+    layout = bench.layout
+    schedule = build_schedule(
+        layout.num_tokens, layout.depth, algo=candidate.algo, merges=list(candidate.merges),
+        num_prefix=bench.num_prefix,
+    )  # fmt: skip
+    merged, unmerged = schedule_flops(schedule, *bench.width)
+    return sum(unmerged) / sum(merged)
+
+
+def evaluate(bench: TrialBench, candidate: Candidate, model: torch.nn.Module | None = None) -> dict:
+    """Export the candidate, score it on the tuning split, time it against the unmerged graph."""
+    began = time.perf_counter()
+    graph = bench.graph(candidate, model)
+    accuracy = top1(bench, graph)
+    graphs = {"candidate": graph, REFERENCE: bench.reference}
+    stats = time_against(bench, graphs)
+    return {
+        "top1": accuracy,
+        "drop_points": 100.0 * (bench.reference_top1 - accuracy),
+        "speedup": stats[REFERENCE].median_ms / stats["candidate"].median_ms,
+        "latency_ms": stats["candidate"].median_ms,
+        "latency_cv": stats["candidate"].cv,
+        "seconds": time.perf_counter() - began,
+    }

@@ -1,0 +1,1 @@
+"""The model registry (short names -> builders, preprocessing, token layout) and the shipped models."""
