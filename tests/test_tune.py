@@ -169,6 +169,12 @@ def test_bad_budget_and_search_flags(tmp_path, args, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_tune_refuses_what_it_cannot_score(tmp_path):
+    one_line_error(cli("tune", "dinov2_small", "--random-init", "-o", str(tmp_path / "o")), 2,
+                   "tune searches timm vision and Hugging Face text classifiers")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tune_without_labelled_data_is_exit_2(tmp_path):
     one_line_error(cli("tune", "test_vit", "--random-init", "-o", str(tmp_path / "o")), 2, "tune needs labelled data")
     assert list(tmp_path.iterdir()) == []

@@ -155,6 +155,8 @@ def run_tune(job: TuneJob, console) -> Path | None:
     check_tune_job(job)
     began = time.monotonic()
     spec = resolve(job.model)
+    if spec.kind not in ("vision", "text"):
+        raise PitomeError(f"tune searches timm vision and Hugging Face text classifiers; {spec.name} is {spec.kind}")
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; the search still runs as it would.[/]")
     with torch_settings(job.threads, job.seed):

@@ -86,6 +86,8 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
     model, origin = load_model(spec, job.checkpoint, job.random_init)
     seq_len = job.seq_len or spec.seq_len
     signature = signature_of(model, seq_len)
+    if signature.output_names != ("logits",):
+        raise PitomeError(f"tune scores top-1 and {spec.name} has no logits output: give it a classifier head")
     splits = open_splits(job, spec, model, seq_len, signature)
     layout, num_prefix = schedule_layout(model, spec, seq_len)
     prop_attn = (False, True) if spec.kind == "vision" else (False,)
