@@ -109,8 +109,8 @@ def draw_pareto(setup, choice, job, path: Path) -> None:
     points = [(t.user_attrs["speedup"], 100 * t.user_attrs["top1"]) for t in trials]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, c="0.6", label="trials")
-    front = [points[i] for i in pareto_front(points)]
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", c="C0", label="Pareto front")
+    front = sorted(points[i] for i in pareto_front(points))  # slowest first: accuracy falls as speed rises
+    ax.step([p[0] for p in front], [p[1] for p in front], where="pre", c="C0", label="Pareto front")
     for algo, colour in (("pitome", "C1"), ("tome", "C2")):
         line = sorted((points[i] for i, t in enumerate(trials) if _is_uniform(setup, t, algo)), key=lambda p: p[0])
         if line:
