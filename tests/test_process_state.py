@@ -30,7 +30,7 @@ def test_a_ctrl_c_inside_a_finalizer_is_not_printed_but_still_stops_the_job(caps
     import sys
     import weakref
 
-    from pipelines import interrupts
+    from pipelines.jobs import interrupts
 
     class Node:
         pass

@@ -205,6 +205,16 @@ def _study(storage: str):
     return optuna.load_study(study_name=summary.study_name, storage=storage)
 
 
+def _completed(storage: str) -> int:
+    """Completed trials in the storage's study; 0 while the database or the study is not made yet."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not Path(storage.removeprefix("sqlite:///")).exists() or not optuna.get_all_study_summaries(storage):
+        return 0
+    return sum(t.state == TrialState.COMPLETE for t in _study(storage).get_trials(deepcopy=False))
+
+
 def _tune_args(data: Path, out: Path, storage: str, trials: int, *extra: str) -> list[str]:
     return ["tune", "test_vit", "--random-init", "--data", str(data), "--trials", str(trials), "--storage", storage,
             "-o", str(out), *FAST, *extra]  # fmt: skip
@@ -223,11 +233,7 @@ def test_tune_resumes_after_ctrl_c_without_repeating_a_trial(tmp_path):
     storage, out = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "out"
     proc = _process(_tune_args(data, out, storage, 2))
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "study.db").exists() and any(
-            t.state == TrialState.COMPLETE for t in _study(storage).get_trials(deepcopy=False)
-        ):
-            break
+    while time.time() < deadline and proc.poll() is None and not _completed(storage):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -268,7 +274,7 @@ def test_two_workers_share_one_study(tmp_path):
     trials = _study(storage).trials
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING) for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) >= 3 and len({t.user_attrs["worker"] for t in trials if t.user_attrs}) == 2
+    assert len(complete) >= 3 and len({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}) == 2
     measured = [t.user_attrs["key"] for t in complete if "reused_from" not in t.user_attrs]
     assert len(measured) == len(set(measured))  # no graph measured twice
     seeds = [json.dumps(t.params, sort_keys=True) for t in trials if t.user_attrs.get("seed") and t.params]
