@@ -28,7 +28,6 @@ DEFAULT_TUNE_SAMPLES = 5000
 FINALISTS = 4  # best distinct candidates re-timed together before the choice
 CALIBRATION_SAMPLES = 256
 TUNE = ("tune",)  # the command that declares the options below
-ACCURACY_BATCH = 32
 
 
 class BudgetMissedError(ParityError):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ops.errors import PitomeError
 from pipelines.jobs.export_job import ExportJob
+from pipelines.jobs.stages import ACCURACY_BATCH  # trials score in the batches the final export is scored in
 from pipelines.jobs.tune.job import (
-    ACCURACY_BATCH,
     CALIBRATION_SAMPLES,
     FINALISTS,
     Splits,
