@@ -65,6 +65,30 @@ def test_candidate_key_names_the_graph():
     assert Candidate("pitome", True, (0, 0, 0)).key == Candidate("tome", False, (0, 0, 0)).key == "unmerged fp32"
 
 
+def _bench_with_reference(reference: np.ndarray, confidence: float):
+    from pipelines.jobs.tune.trials import TrialBench
+
+    unused = ("model", "kind", "seq_len", "signature", "layout", "num_prefix", "width", "batches", "calibration",
+              "calibration_source", "scratch", "threads", "bench_batch", "runs", "opset")  # fmt: skip
+    return TrialBench(**dict.fromkeys(unused), confidence=confidence, reference_correct=reference)
+
+
+def test_the_budget_is_kept_on_the_paired_upper_bound_of_the_drop():
+    """1,000 samples, the candidate loses 30 the reference got right and gains 10: 2.00 points
+    lost; the paired standard error is sqrt((40/1000 - 0.02**2) / 1000) = 0.629 points."""
+    from pipelines.jobs.tune.trials import drop_points
+
+    reference = np.zeros(1000, dtype=bool)
+    reference[:600] = True
+    candidate = reference.copy()
+    candidate[:30] = False  # lost
+    candidate[600:610] = True  # gained
+    drop, bound = drop_points(_bench_with_reference(reference, 0.9), candidate)
+    assert drop == pytest.approx(2.0) and bound == pytest.approx(2.0 + 1.2816 * 0.6293, abs=1e-3)
+    assert drop_points(_bench_with_reference(reference, 0.5), candidate) == pytest.approx((2.0, 2.0))
+    assert drop_points(_bench_with_reference(reference, 0.9), reference) == (0.0, 0.0)  # same predictions: no doubt
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     from pipelines.jobs.tune.report import pareto_front
 
@@ -157,6 +181,8 @@ def test_a_named_data_set_tunes_on_its_training_split():
         (["--max-drop", "-1"], "expected a number of points >= 0"),
         (["--max-drop", "abc"], "expected a number of points >= 0"),
         (["--trials", "0"], "expected a positive integer"),
+        (["--confidence", "1"], "expected a confidence level in [0.5, 1)"),
+        (["--confidence", "0.3"], "expected a confidence level in [0.5, 1)"),
         (["--time-budget", "0"], "positive number of minutes"),
         (["--precision", "fp32,int4"], "unknown precision 'int4'"),
         (["--precision", "fp32,fp16"], "fp16 graphs run slower"),
@@ -178,6 +204,21 @@ def test_tune_refuses_what_it_cannot_score(tmp_path):
 def test_tune_without_labelled_data_is_exit_2(tmp_path):
     one_line_error(cli("tune", "test_vit", "--random-init", "-o", str(tmp_path / "o")), 2, "tune needs labelled data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_folder_is_refused_before_loading(tmp_path, monkeypatch):
+    """The folder check costs nothing; it must not wait for the model, the data and the reference."""
+    from pipelines.jobs.tune import search
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before refusing the output folder")
+
+    monkeypatch.setattr(search, "prepare", must_not_load)
+    folder = _image_folder(tmp_path / "data", [0, 1])
+    (tmp_path / "o").mkdir()
+    result = cli("tune", "test_vit", "--random-init", "--data", str(folder), "-o", str(tmp_path / "o"))
+    one_line_error(result, 2, "exists; pass --force")
+    assert list((tmp_path / "o").iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -284,7 +325,7 @@ def test_two_workers_share_one_study(tmp_path):
 def test_no_trial_within_budget_is_exit_3_with_the_most_accurate_report(tmp_path, monkeypatch):
     """Every merged schedule scored 1 point below the unmerged model (the measurement stood in
     for; the search, the budget check, the choice and the written folder are real)."""
-    monkeypatch.setattr("pipelines.jobs.tune.study.eager_top1", lambda bench, model: bench.reference_top1 - 0.01)
+    monkeypatch.setattr("pipelines.jobs.tune.study.drop_points", lambda bench, correct: (1.0, 1.0))
     data = _image_folder(tmp_path / "data", [0, 1] * 4)
     out = tmp_path / "out"
     result = cli(*_tune_args(data, out, f"sqlite:///{tmp_path / 'study.db'}", 2))

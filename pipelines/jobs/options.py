@@ -194,6 +194,11 @@ def points(text: str) -> float:
     return _number(text, float, lambda v: 0.0 <= v < float("inf"), "expected a number of points >= 0")
 
 
+def confidence(text: str) -> float:
+    """argparse type: a one-sided confidence level in [0.5, 1) (0.5: the point estimate itself)."""
+    return _number(text, float, lambda v: 0.5 <= v < 1.0, "expected a confidence level in [0.5, 1)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _number(text, int, lambda v: v >= 1, "expected a positive integer")

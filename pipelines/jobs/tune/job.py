@@ -42,6 +42,11 @@ class TuneJob(ExportJob):
         "--max-drop", default=0.5, group="search", type=options.points, metavar="POINTS", commands=TUNE,
         help="top-1 points the export may lose against the unmerged FP32 model (default 0.5)",
     )  # fmt: skip
+    confidence: float = option(
+        "--confidence", default=0.9, group="search", type=options.confidence, metavar="LEVEL", commands=TUNE,
+        help="a trial keeps the budget when its drop's upper confidence bound on the tuning split does "
+        "(default 0.9; 0.5 trusts the point estimate)",
+    )  # fmt: skip
     tune_data: str | None = option(
         "--tune-data", group="search", commands=TUNE,
         help="labelled tuning split (default: the training split of a packaged data set, else a seeded half of "
@@ -138,8 +143,9 @@ def tune_settings(job: TuneJob, spec: ModelSpec, splits: Splits, space) -> dict:
     return {
         "model": spec.name, "checkpoint": job.checkpoint, "random_init": job.random_init, "seq_len": job.seq_len,
         "tuning_data": splits.tuning.description, "tuning_samples": len(splits.tuning), "max_drop": job.max_drop,
+        "confidence": job.confidence,
         "objective": job.objective, "space": space.describe(), "batch": job.bench_batch, "threads": job.threads,
-        "opset": job.opset, "seed": job.seed, "version": 1,
+        "opset": job.opset, "seed": job.seed, "version": 2,
     }  # fmt: skip
 
 
@@ -158,10 +164,10 @@ def run_tune(job: TuneJob, console) -> Path | None:
         raise PitomeError(f"tune searches timm vision and Hugging Face text classifiers; {spec.name} is {spec.kind}")
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; the search still runs as it would.[/]")
+    if not job.search_only:
+        claim_output(job)  # refuses an existing folder before loading anything, not after the search
     with torch_settings(job.threads, job.seed):
         setup = prepare(job, spec, console)  # loads, opens the data and the study: bad input fails here
-        if not job.search_only:
-            claim_output(job)  # refuses an existing folder now, not after the search
         run_search(setup, job, began, console)
         if job.search_only:
             console.print(f"search-only worker done: study {setup.study.study_name} in {job.storage_url()}")

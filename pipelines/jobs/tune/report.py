@@ -15,7 +15,7 @@ from pipelines.jobs.tune.trials import REFERENCE
 def progress_line(study, deadline: float) -> str:
     """The progress display's text: best feasible trial so far and the time left."""
     best = best_feasible(study)
-    left = deadline - time.monotonic()
+    left = max(0.0, deadline - time.monotonic())  # the trial running at the deadline still finishes
     clock = f" · {int(left // 60)}:{int(left % 60):02d} left" if left < float("inf") else ""
     if best is None:
         return f"search · nothing within budget yet{clock}"
@@ -65,6 +65,7 @@ def tune_outcome(setup, choice, job, summary: dict) -> dict:
     test_drop = chosen_row["test_drop_points"]
     return {
         "max_drop": job.max_drop,
+        "confidence": job.confidence,
         "within_budget": choice.within_budget,
         "test_within_budget": test_drop <= job.max_drop,
         "merging_pays": choice.merging_pays,
@@ -150,9 +151,10 @@ def tune_markdown(setup, outcome: dict) -> str:
     """The report section: the choice beside the uniform schedules, and the Pareto table."""
     lines = [
         "## Tuning", "",
-        f"Budget: at most {outcome['max_drop']} points of top-1 below the unmerged FP32 model; objective "
-        f"{outcome['objective']}. Trials are scored on {outcome['tuning_data']}; the figures below are on "
-        f"{outcome['test_data']}, which no trial saw.", "",
+        f"Budget: at most {outcome['max_drop']} points of top-1 below the unmerged FP32 model, kept on the "
+        f"{outcome['confidence']:.0%} upper confidence bound of each trial's drop; objective {outcome['objective']}. "
+        f"Trials are scored on {outcome['tuning_data']}; the figures below are on {outcome['test_data']}, which no "
+        "trial saw.", "",
         "| export | precision | test top-1 | drop (points) | speed-up | block-FLOP speed-up |",
         "|---|---|---:|---:|---:|---:|",
         f"| unmerged | fp32 | {100 * outcome['unmerged']['test_top1']:.2f}% | 0.00 | 1.00x | 1.00x |",
@@ -169,7 +171,7 @@ def tune_markdown(setup, outcome: dict) -> str:
     lines += [
         "", "Speed-ups: ONNX Runtime CPU, one interleaved run of these graphs. Pareto front of the trials "
         "(tuning split, each trial timed against the unmerged graph):", "",
-        "| trial | schedule | precision | tuning top-1 | drop | speed-up | block-FLOP speed-up |",
+        "| trial | schedule | precision | tuning top-1 | drop (bound) | speed-up | block-FLOP speed-up |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]  # fmt: skip
     for i in pareto_front(points):
@@ -177,7 +179,8 @@ def tune_markdown(setup, outcome: dict) -> str:
         a = t.user_attrs
         lines.append(
             f"| {t.number} | {_schedule_text(a['candidate'])} | {_precision_text(a['candidate'])} | "
-            f"{100 * a['top1']:.2f}% | {a['drop_points']:.2f} | {a['speedup']:.2f}x | {a['flop_speedup']:.2f}x |"
+            f"{100 * a['top1']:.2f}% | {a['drop_points']:.2f} ({a['drop_bound_points']:.2f}) | {a['speedup']:.2f}x | "
+            f"{a['flop_speedup']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -205,7 +208,7 @@ def print_outcome(outcome: dict, folder: Path, console) -> None:
     if outcome["within_budget"] and not outcome["test_within_budget"]:
         console.print(
             f"[yellow]on the test split the chosen export lost {chosen['test_drop_points']:.2f} points, more than "
-            f"the budget of {outcome['max_drop']}: the tuning split's estimate was optimistic (more --tune-samples "
-            "narrows it)[/]"
+            f"the budget of {outcome['max_drop']}: the tuning split's estimate was optimistic (a higher --confidence "
+            "or more --tune-samples guards against it)[/]"
         )
     console.print(f"[bold]Report:[/] {folder / 'report.md'}  [bold]Plot:[/] {folder / 'pareto.png'}")

@@ -20,7 +20,7 @@ from pipelines.jobs.tune.job import (
 )
 from pipelines.jobs.tune.space import Candidate, ScheduleLayout, SearchSpace, uniform_ratio
 from pipelines.jobs.tune.study import Objective, candidate_of, completed, enqueue_seeds, open_study, search, study_name
-from pipelines.jobs.tune.trials import REFERENCE, TrialBench, time_against, top1
+from pipelines.jobs.tune.trials import REFERENCE, TrialBench, graph_correct, time_against
 from pipelines.models.registry import ModelSpec
 
 SEED_RATIOS = {"deep": (0.975, 0.95, 0.925, 0.9), "shallow": (0.9, 0.8, 0.7, 0.6)}
@@ -99,7 +99,7 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
     bench = TrialBench(
         model, spec.kind, seq_len, signature, layout, num_prefix, model_width(model),
         list(splits.tuning.batches(ACCURACY_BATCH)), [], "", scratch, job.threads, job.bench_batch, job.bench_runs,
-        job.opset, job.seed,
+        job.opset, job.seed, job.confidence,
     )  # fmt: skip
     if "int8" in job.precisions:
         bench.calibration = [feeds for feeds, _ in splits.tuning.batches(16)][: CALIBRATION_SAMPLES // 16]
@@ -115,7 +115,7 @@ def _measure_reference(setup: TuneSetup, console) -> TuneSetup:
     began = time.monotonic()
     reference = bench.reference
     exported = time.monotonic()
-    bench.reference_top1 = top1(bench, reference)
+    bench.reference_correct = graph_correct(bench, reference)
     scored = time.monotonic()
     test_scoring = (scored - exported) * len(setup.splits.test) / max(1, bench.samples)
     setup.reserve_seconds = 5 * (exported - began) + 5 * test_scoring + 30
