@@ -34,11 +34,16 @@ optimum-site: .optimum-site/.done
 	@touch $@
 
 # --durations: the slowest tests are printed with every run, so a slow new test shows at once.
+# -n: pytest-xdist workers (most of a test's time is single-threaded Python: tracing, export,
+# ONNX checks); --dist loadgroup keeps a module-scoped fixture's tests on one worker (conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
 test: install
-	$(BIN)/pytest -q --durations=15
+	$(PYTEST)
 
 test-heavy: install
-	PITOME_HEAVY=1 $(BIN)/pytest -q --durations=15
+	PITOME_HEAVY=1 $(PYTEST)
 
 lint: install
 	$(BIN)/ruff check ops exporter pipelines tests benchmarks
