@@ -78,22 +78,39 @@ def int8_points(model: str, exp: Experiment, scratch: Path, limit: int | None, c
 
 def int8_point(model: str, exp: Experiment, mode: str, ffn_out: str, scratch: Path, limit: int | None, console) -> dict:
     """PiToMe at `exp.int8_ratio` in INT8 (`mode`, FFN down-projections in `ffn_out`), with its FP32
-    twin and the INT8 unmerged graph, scored on the same test samples; static calibration on the
-    model's own training data. The agreement bars are off: the point is to measure, not to gate."""
-    from pipelines.jobs.export_job import ExportJob, run_job
+    twin and the INT8 unmerged graph, scored on the same test samples."""
+    from pipelines.jobs.export_job import run_job
 
-    out = scratch / f"{model}-int8-{mode}-ffn-{ffn_out}"
-    job = ExportJob(
+    job = int8_point_job(model, exp, mode, ffn_out, scratch / f"{model}-int8-{mode}-ffn-{ffn_out}", limit)
+    run_job(job, console)
+    return read_int8_point(Path(job.out), exp.int8_ratio)
+
+
+def int8_point_job(model: str, exp: Experiment, mode: str, ffn_out: str, out: Path, limit: int | None):
+    """The export job of one INT8 point: static calibration on the model's own training data; the
+    agreement bars are off (the point is to measure, not to gate)."""
+    from pipelines.jobs.export_job import ExportJob
+
+    return ExportJob(
         model=model, ratio=exp.int8_ratio, precision="int8", int8_mode=mode, int8_ffn_out=ffn_out,
         calibration=str(CALIBRATION_SAMPLES) if mode == "static" else None, data=exp.data, limit=limit,
         out=str(out), force=True, bench=False, max_accuracy_drop=100.0, min_cosine=(0.0, 0.0),
     )  # fmt: skip
-    run_job(job, console)
+
+
+def read_int8_point(out: Path, ratio: float) -> dict:
+    """The INT8 point's figures, read back from its export job's folder (mode and FFN precision
+    from the shipped graph's metadata)."""
+    import onnx
+
+    from exporter.onnx_export import read_metadata
+
+    meta = read_metadata(onnx.load(str(out / "model.onnx"), load_external_data=False))
     accuracy = json.loads((out / "accuracy.json").read_text())
     agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
     top1 = accuracy["top1"]
     return {
-        "mode": mode, "ffn_out": ffn_out, "ratio": exp.int8_ratio, "samples": accuracy["samples"],
+        "mode": meta["int8_mode"], "ffn_out": meta["int8_ffn_out"], "ratio": ratio, "samples": accuracy["samples"],
         "top1_merged_int8": top1["merged"], "top1_merged_fp32": top1["merged fp32"],
         "top1_unmerged_int8": top1["unmerged int8"], "top1_unmerged_fp32": top1["unmerged"],
         "top1_agreement_with_fp32_merged": agreement["top1_agreement"],

@@ -20,6 +20,7 @@ def heavy_enabled() -> bool:
     return os.environ.get("PITOME_HEAVY") == "1"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     _keep_module_fixtures_on_one_worker(items)
     if heavy_enabled():

@@ -118,12 +118,20 @@ def test_vit_fmnist_accuracy_matches_its_card(tmp_path):
     assert recorded["top1_unmerged"] > 0.85  # a trained model, not a placeholder
 
 
+@pytest.fixture(scope="module")
+def vit_fmnist_int8(tmp_path_factory):
+    """`pitome-export vit_fmnist --ratio 0.9 --precision int8 --limit 300 --no-bench`, run once:
+    (result, folder). Two tests read it: the CLI's acceptance and `make accuracy`'s INT8 point."""
+    out = tmp_path_factory.mktemp("fm") / "fm-int8"
+    result = cli("vit_fmnist", "--ratio", "0.9", "--precision", "int8", "--limit", "300", "--no-bench", "-o", str(out))
+    return result, out
+
+
 @needs_fashion_mnist
-def test_vit_fmnist_int8_is_accepted_by_accuracy_on_the_data_it_names(tmp_path):
+def test_vit_fmnist_int8_is_accepted_by_accuracy_on_the_data_it_names(vit_fmnist_int8):
     """No --data: a shipped model's INT8 graph is judged on its own test split (seeded subset),
     against the FP32 merged graph on the same images, and the report says which rule decided."""
-    out = tmp_path / "fm-int8"
-    result = cli("vit_fmnist", "--ratio", "0.9", "--precision", "int8", "--limit", "300", "--no-bench", "-o", str(out))
+    result, out = vit_fmnist_int8
     assert result.returncode == 0, result.stderr[-2000:]
     assert "accuracy data: fashion-mnist" in result.stdout
     agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
@@ -136,15 +144,26 @@ def test_vit_fmnist_int8_is_accepted_by_accuracy_on_the_data_it_names(tmp_path):
 
 
 @needs_fashion_mnist
-def test_accuracy_experiment_int8_point(tmp_path):
-    """The INT8 point of `make accuracy`: the job's graphs and agreement figures, read back."""
+def test_accuracy_experiment_int8_point(vit_fmnist_int8, tmp_path, monkeypatch):
+    """The INT8 point of `make accuracy`: the job it runs (gates off, its own data and calibration)
+    and its figures, read back from a real INT8 job's folder (the CLI's, above: the same graphs)."""
     from rich.console import Console
 
-    from benchmarks.accuracy import EXPERIMENTS, int8_point
+    from benchmarks import accuracy
 
-    point = int8_point("vit_fmnist", EXPERIMENTS["vit_fmnist"], "dynamic", "int8", tmp_path, 64, Console(quiet=True))
+    exp = accuracy.EXPERIMENTS["vit_fmnist"]
+    static = accuracy.int8_point_job("vit_fmnist", exp, "static", "fp32", tmp_path / "p", 64)
+    assert (static.resolved_int8_mode(), static.resolved_ffn_out(), static.ratio) == ("static", "fp32", 0.9)
+    assert static.calibration == str(accuracy.CALIBRATION_SAMPLES) and static.data == exp.data
+    assert static.max_accuracy_drop == 100.0 and static.min_cosine == (0.0, 0.0) and not static.bench
+    ran = []
+    monkeypatch.setattr("pipelines.jobs.export_job.run_job", lambda job, console: ran.append(job))
+    read = accuracy.read_int8_point
+    monkeypatch.setattr(accuracy, "read_int8_point", lambda out, ratio: read(vit_fmnist_int8[1], ratio))
+    point = accuracy.int8_point("vit_fmnist", exp, "dynamic", "int8", tmp_path, 300, Console(quiet=True))
+    assert [(job.resolved_int8_mode(), job.resolved_ffn_out(), job.limit) for job in ran] == [("dynamic", "int8", 300)]
     assert point["mode"] == "dynamic" and point["ffn_out"] == "int8" and point["ratio"] == 0.9
-    assert point["samples"] == 64
+    assert point["samples"] == 300
     assert point["top1_unmerged_fp32"] > 0.75 and point["top1_merged_int8"] > 0.5
     assert len(point["decision_agreement_per_layer"]) == 12  # one figure per merging layer
     assert all(0.0 <= v <= 1.0 for v in point["decision_agreement_per_layer"].values())

@@ -326,6 +326,10 @@ def test_no_trial_within_budget_is_exit_3_with_the_most_accurate_report(tmp_path
     """Every merged schedule scored 1 point below the unmerged model (the measurement stood in
     for; the search, the budget check, the choice and the written folder are real)."""
     monkeypatch.setattr("pipelines.jobs.tune.study.drop_points", lambda bench, correct: (1.0, 1.0))
+    from exporter import onnx_export
+
+    exported, export = [], onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: exported.append(a[2]) or export(*a, **k))
     data = _image_folder(tmp_path / "data", [0, 1] * 4)
     out = tmp_path / "out"
     result = cli(*_tune_args(data, out, f"sqlite:///{tmp_path / 'study.db'}", 2))
@@ -333,4 +337,6 @@ def test_no_trial_within_budget_is_exit_3_with_the_most_accurate_report(tmp_path
     record = json.loads((out / "tune.json").read_text())
     assert not record["outcome"]["within_budget"] and record["outcome"]["chosen"]["trial"] is not None
     assert all(t["state"] == "PRUNED" and "loses 1.00 points" in t["pruned"] for t in record["trials"])
+    # the reference and the chosen trial are exported once each: the folder's graph is the trial's
+    assert len(exported) == 2 and json.loads((out / "parity.json").read_text())["passed"]
     assert (out / "model.onnx").exists() and "## Tuning" in (out / "report.md").read_text()

@@ -151,17 +151,41 @@ def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signa
 
 
 def export(ctx: JobContext) -> None:
-    """The FP32 graph: shipped as is, or the source of the reduced graph (then kept in scratch)."""
+    """The FP32 graph: shipped as is, or the source of the reduced graph (then kept in scratch).
+
+    A context built with `fp32_graph` (the tune job's trial graph of this very schedule) writes
+    that graph instead of exporting it again, when its opset and batch mode are the job's; the
+    parity stage then checks it against this job's model like any other export."""
     from exporter.onnx_export import export_onnx
 
     job = ctx.job
     path = ctx.scratch / "model_fp32.onnx" if job.reduced_graph else ctx.out / "model.onnx"
     with ctx.step("export ONNX"):
-        ctx.fp32_graph = export_onnx(
-            ctx.model, None, path, opset=job.opset, dynamic_batch=not job.static_batch, seq_len=ctx.seq_len,
-            fused=job.fused,
-        )  # fmt: skip
+        if ctx.fp32_graph is not None and _exported_as(ctx.fp32_graph, job):
+            ctx.fp32_graph = _rewrite(ctx.fp32_graph, path)
+        else:
+            ctx.fp32_graph = export_onnx(
+                ctx.model, None, path, opset=job.opset, dynamic_batch=not job.static_batch, seq_len=ctx.seq_len,
+                fused=job.fused,
+            )  # fmt: skip
     ctx.onnx_path = ctx.fp32_graph
+
+
+def _exported_as(graph: Path, job: ExportJob) -> bool:
+    """Whether `graph` was exported with the job's opset and batch mode (and no fused node)."""
+    from exporter.onnx_export import export_settings
+
+    settings = export_settings(graph)
+    return not job.fused and settings["opset"] == job.opset and settings["dynamic_batch"] == (not job.static_batch)
+
+
+def _rewrite(graph: Path, path: Path) -> Path:
+    """`graph` written to `path` (checked, external data renamed with it when large)."""
+    import onnx
+
+    from exporter.onnx_export import save_onnx
+
+    return save_onnx(onnx.load(str(graph)), path)
 
 
 def parity(ctx: JobContext) -> None:
@@ -365,9 +389,9 @@ def torch_settings(threads: int, seed: int | None = None) -> Iterator[None]:
 
 def run_stages(job: ExportJob, spec: ModelSpec, out: Path, console, **preset: Any) -> dict:
     """Run every stage into `out` and write the reports; return the summary. `preset` fills
-    context fields before the first stage (the tune job's held-out data, calibration, unmerged
-    graph and the uniform schedules to score beside the chosen one: `data`, `calibration`,
-    `baseline`, `extra_graphs`)."""
+    context fields before the first stage (the tune job's held-out data, calibration, the chosen
+    trial's FP32 graph, the unmerged graph and the uniform schedules to score beside the chosen
+    one: `data`, `calibration`, `fp32_graph`, `baseline`, `extra_graphs`)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)

@@ -189,6 +189,8 @@ def _export(setup, choice, job: TuneJob, spec: ModelSpec, out: Path, console) ->
 
     export = choice.export_job(job, setup.splits)
     preset = {"extra_graphs": dict(choice.baseline_graphs), "baseline": setup.bench.reference}
+    if choice.candidate.key in setup.bench.fp32_graphs:  # exported during the search: not again
+        preset["fp32_graph"] = setup.bench.fp32_graphs[choice.candidate.key]
     if setup.splits.test_source is None:
         preset["data"] = setup.splits.test
     if setup.bench.calibration and choice.candidate.int8_mode == "static":

@@ -95,8 +95,9 @@ def write_tune_files(setup, choice, job, summary: dict, outcome: dict, out: Path
 
 
 def _measured(setup) -> list:
-    """Completed trials that measured a graph (with accuracy and speed-up)."""
-    return [t for t in completed(setup.study) if "top1" in t.user_attrs]
+    """Completed trials that measured a graph (accuracy and speed-up), each graph once: a trial
+    that reused an identical earlier one's measurement is the same point."""
+    return [t for t in completed(setup.study) if "top1" in t.user_attrs and "reused_from" not in t.user_attrs]
 
 
 def draw_pareto(setup, choice, job, path: Path) -> None:
@@ -122,7 +123,7 @@ def draw_pareto(setup, choice, job, path: Path) -> None:
     ax.axhline(100 * setup.bench.reference_top1 - job.max_drop, c="C3", lw=0.8, ls=":", label="budget")
     ax.set_xlabel("measured speed-up over unmerged FP32 (per trial)")
     ax.set_ylabel("top-1 on the tuning split (%)")
-    ax.set_title(f"{setup.spec.name}: {len(trials)} measured trials")
+    ax.set_title(f"{setup.spec.name}: {len(trials)} graphs measured, {len(setup.study.trials)} trials")
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

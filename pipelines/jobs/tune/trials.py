@@ -44,6 +44,7 @@ class TrialBench:
     seed: int = 0
     confidence: float = 0.9  # one-sided level of the drop's upper bound (see drop_points)
     graphs: dict[str, Path] = field(default_factory=dict)  # candidate key -> exported graph (this process)
+    fp32_graphs: dict[str, Path] = field(default_factory=dict)  # candidate key -> its FP32 export
     reference_correct: np.ndarray | None = None  # per tuning sample: the unmerged FP32 graph is right
 
     @property
@@ -59,7 +60,8 @@ class TrialBench:
         patched model when the caller has it already."""
         if candidate.key not in self.graphs:
             model = model if model is not None else patched(self, candidate)
-            self.graphs[candidate.key] = export_candidate(self, candidate, model, self.scratch / f"g{len(self.graphs)}")
+            stem = self.scratch / f"g{len(self.graphs)}"
+            self.fp32_graphs[candidate.key], self.graphs[candidate.key] = export_candidate(self, candidate, model, stem)
         return self.graphs[candidate.key]
 
     @property
@@ -83,14 +85,15 @@ def patched(bench: TrialBench, candidate: Candidate) -> torch.nn.Module:
     return variant_model(bench.model, variant_of(candidate), bench.seq_len if bench.kind == "text" else None)
 
 
-def export_candidate(bench: TrialBench, candidate: Candidate, model: torch.nn.Module, stem: Path) -> Path:
-    """Export the candidate's patched model and convert it to the candidate's precision."""
+def export_candidate(bench: TrialBench, candidate: Candidate, model: torch.nn.Module, stem: Path) -> tuple[Path, Path]:
+    """Export the candidate's patched model and convert it to the candidate's precision:
+    (FP32 export, the candidate's graph), the same file for an FP32 candidate."""
     variant = variant_of(candidate)
     fp32 = export_module(model, variant, stem.with_suffix(".fp32.onnx"), seq_len=bench.seq_len, opset=bench.opset)
     if candidate.precision == "fp32":
-        return fp32
+        return fp32, fp32
     conversion = Conversion(bench.calibration, bench.calibration_source)
-    return convert_variant(fp32, variant, stem.with_suffix(f".{candidate.precision}.onnx"), conversion)
+    return fp32, convert_variant(fp32, variant, stem.with_suffix(f".{candidate.precision}.onnx"), conversion)
 
 
 def eager_correct(bench: TrialBench, model: torch.nn.Module) -> np.ndarray:
