@@ -35,9 +35,11 @@ optimum-site: .optimum-site/.done
 
 # --durations: the slowest tests are printed with every run, so a slow new test shows at once.
 # -n: pytest-xdist workers (most of a test's time is single-threaded Python: tracing, export,
-# ONNX checks); --dist loadgroup keeps a module-scoped fixture's tests on one worker (conftest.py).
+# ONNX checks); --dist loadfile keeps a file's tests on one worker, so its module-scoped fixtures
+# (shared exports, the kernels' interpreter run) are built once. (--dist loadgroup would be finer,
+# but pytest-xdist 3.8 writes its groups into a node id attribute pytest 9 no longer reads.)
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test: install
 	$(PYTEST)

@@ -20,28 +20,13 @@ def heavy_enabled() -> bool:
     return os.environ.get("PITOME_HEAVY") == "1"
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    _keep_module_fixtures_on_one_worker(items)
     if heavy_enabled():
         return
     skip = pytest.mark.skip(reason="heavy (full-size model or full parity grid): set PITOME_HEAVY=1 / make test-heavy")
     for item in items:
         if "heavy" in item.keywords:
             item.add_marker(skip)
-
-
-def _keep_module_fixtures_on_one_worker(items) -> None:
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) every other test goes to
-    whichever worker is free; the tests sharing a module-scoped fixture (an export, the kernels'
-    interpreter run) are grouped by module so that the fixture is built once, not once per worker."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        if fixtures is None:
-            continue
-        scopes = {d.scope for defs in fixtures.name2fixturedefs.values() for d in defs}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 NOT_IMPORTED = "not imported"
