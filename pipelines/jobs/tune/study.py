@@ -28,6 +28,7 @@ from pipelines.jobs.tune.trials import TrialBench, drop_points, eager_correct, e
 FLOP_SLACK = 0.9  # by latency, a trial saving under 90% of the best feasible one's FLOPs cannot be faster
 MAX_TRIALS_FACTOR = 5  # pruned (never exported) trials end a search after this many times --trials
 HEARTBEAT_SECONDS = 30  # a worker that dies leaves its trial failed after twice this, and it is retried
+WAIT_SECONDS = 1.0  # polling interval while another worker measures the same graph
 
 
 class StorageError(PitomeError):
@@ -108,7 +109,7 @@ class Objective:
         trial.set_user_attr("key", candidate.key)
         trial.set_user_attr("flop_speedup", flops)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        result = self._earlier(trial.study, candidate.key) or self._measure(trial, candidate, flops)
+        result = self._earlier(trial, candidate.key) or self._measure(trial, candidate, flops)
         for name, value in result.items():
             trial.set_user_attr(name, value)
         self._over_budget(trial, result["drop_bound_points"])
@@ -150,15 +151,38 @@ class Objective:
         trial.set_constraint("accuracy_drop", bound_points - self.max_drop)
 
     @staticmethod
-    def _earlier(study, key: str) -> dict | None:
-        """The measurements of a completed trial with the same graph (no graph is measured twice)."""
+    def _earlier(trial, key: str) -> dict | None:
+        """The measurements of a completed trial with the same graph (no graph is measured twice).
+
+        While another worker measures that graph this trial waits for it. A trial claims the
+        measurement by marking itself `measuring`, then looks again: of two claims made at once
+        the higher-numbered one withdraws, so exactly one measures. A dead worker's trial turns
+        FAILED by heartbeat, and a waiting trial then claims the graph itself."""
         from optuna.trial import TrialState
 
-        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if done.user_attrs.get("key") == key:
-                names = ("top1", "drop_points", "drop_bound_points", "speedup", "latency_ms", "latency_cv", "seconds")
-                return {**{name: done.user_attrs[name] for name in names}, "reused_from": done.number}
-        return None
+        names = ("top1", "drop_points", "drop_bound_points", "speedup", "latency_ms", "latency_cv", "seconds")
+
+        def others() -> list:
+            states = (TrialState.COMPLETE, TrialState.RUNNING)
+            return [t for t in trial.study.get_trials(deepcopy=False, states=states)
+                    if t.user_attrs.get("key") == key and t.number != trial.number]  # fmt: skip
+
+        def claimed(trials: list, below: int | None = None) -> bool:
+            return any(t.state == TrialState.RUNNING and t.user_attrs.get("measuring")
+                       and (below is None or t.number < below) for t in trials)  # fmt: skip
+
+        while True:
+            same = others()
+            for done in same:
+                if done.state == TrialState.COMPLETE:
+                    return {**{name: done.user_attrs[name] for name in names}, "reused_from": done.number}
+            if not claimed(same):
+                trial.set_user_attr("measuring", True)
+                if not claimed(others(), below=trial.number):
+                    return None
+                trial.set_user_attr("measuring", False)
+            interrupts.check()
+            time.sleep(WAIT_SECONDS)
 
     @staticmethod
     def _best_feasible_flops(study) -> float | None:
@@ -220,7 +244,7 @@ def trial_record(trial) -> dict:
     """One trial as tune.json lists it."""
     attrs = trial.user_attrs
     record = {"number": trial.number, "state": trial.state.name, "params": trial.params}
-    record.update({key: value for key, value in attrs.items() if key != "over_budget"})
+    record.update({key: value for key, value in attrs.items() if key not in ("over_budget", "measuring")})
     record["within_budget"] = "over_budget" in attrs and attrs["over_budget"] <= 0
     if trial.value is not None and not math.isnan(trial.value):
         record["objective"] = trial.value
