@@ -102,12 +102,9 @@ def eager_correct(bench: TrialBench, model: torch.nn.Module) -> np.ndarray:
     from exporter.signatures import ExportWrapper
 
     wrapper = ExportWrapper(model, bench.signature).eval()
-    right = []
+    names = bench.signature.input_names
     with torch.no_grad():
-        for feeds, labels in bench.batches:
-            logits = wrapper(*(torch.from_numpy(feeds[name]) for name in bench.signature.input_names))
-            right.append(logits.reshape(len(labels), -1).argmax(-1).numpy() == labels)
-    return np.concatenate(right)
+        return _correct(bench, lambda feeds: wrapper(*(torch.from_numpy(feeds[name]) for name in names)).numpy())
 
 
 def graph_correct(bench: TrialBench, graph: Path) -> np.ndarray:
@@ -115,10 +112,12 @@ def graph_correct(bench: TrialBench, graph: Path) -> np.ndarray:
     from exporter.runners import ort_session
 
     session = ort_session(graph, threads=bench.threads)
-    right = []
-    for feeds, labels in bench.batches:
-        logits = session.run(None, feeds)[0]
-        right.append(logits.reshape(len(labels), -1).argmax(-1) == labels)
+    return _correct(bench, lambda feeds: session.run(None, feeds)[0])
+
+
+def _correct(bench: TrialBench, logits_of) -> np.ndarray:
+    """Per tuning sample, whether the top-1 class of `logits_of(feeds)` is the label."""
+    right = [logits_of(feeds).reshape(len(labels), -1).argmax(-1) == labels for feeds, labels in bench.batches]
     return np.concatenate(right)
 
 
