@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,31 @@ def _process_state_is_left_as_found():
     after = _process_state()
     leaked = {k: (before[k], after[k]) for k in after if before[k] != after[k] and before[k] is not NOT_IMPORTED}
     assert not leaked, f"process state changed: {leaked}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _trace_cache(tmp_path_factory) -> Iterator:
+    """Each distinct export is traced once per test run (tests/trace_cache.py says why it is safe)."""
+    from exporter import onnx_export
+    from tests.trace_cache import TraceCache
+
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' folders share this run's parent
+        run_folder = run_folder.parent
+    folder = run_folder / "traces"
+    folder.mkdir(exist_ok=True)
+    cache = TraceCache(folder, onnx_export._trace)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "_trace", cache)
+        yield cache
+
+
+@pytest.fixture(autouse=True)
+def _fresh_exports(request, _trace_cache) -> Iterator[None]:
+    """A test marked `fresh_exports` traces every export it makes itself."""
+    _trace_cache.fresh = request.node.get_closest_marker("fresh_exports") is not None
+    yield
+    _trace_cache.fresh = False
 
 
 @dataclass(frozen=True)

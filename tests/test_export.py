@@ -53,6 +53,7 @@ def test_scatter_lowering_is_flagged_plugin_bound(tmp_path):
     assert any(f.op_type == "ScatterElements" and f.severity == "warning" for f in findings)
 
 
+@pytest.mark.fresh_exports  # the second export must be a second trace
 def test_export_is_byte_identical_twice(tmp_path, vision_export):
     model, first = vision_export
     second = export_onnx(model, None, tmp_path / "again.onnx")

@@ -261,18 +261,19 @@ def _tune_args(data: Path, out: Path, storage: str, trials: int, *extra: str) ->
             "-o", str(out), *FAST, *extra]  # fmt: skip
 
 
-def _process(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=subprocess.PIPE,
+def _process(args: list[str], traces) -> subprocess.Popen:
+    """The CLI in a real process (what these tests are about), sharing the run's trace cache."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160", "PITOME_TEST_TRACES": str(traces.folder)}
+    return subprocess.Popen([sys.executable, "-m", "tests.cached_cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
-def test_tune_resumes_after_ctrl_c_without_repeating_a_trial(tmp_path):
+def test_tune_resumes_after_ctrl_c_without_repeating_a_trial(tmp_path, _trace_cache):
     from optuna.trial import TrialState
 
     data = _image_folder(tmp_path / "data", [0, 1] * 8)
     storage, out = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "out"
-    proc = _process(_tune_args(data, out, storage, 2))
+    proc = _process(_tune_args(data, out, storage, 2), _trace_cache)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not _completed(storage):
         time.sleep(0.5)
@@ -299,15 +300,17 @@ def test_tune_resumes_after_ctrl_c_without_repeating_a_trial(tmp_path):
     assert {t["number"] for t in record["trials"]} == {t.number for t in trials}
     assert "## Tuning" in (out / "report.md").read_text()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latency = json.loads((out / "bench.json").read_text())["latency"]  # timed as long as the final timing
+    assert latency["onnxruntime merged"]["runs"] == 3 * 2 == record["final_timing"]["unmerged fp32"]["runs"]
 
 
-def test_two_workers_share_one_study(tmp_path):
+def test_two_workers_share_one_study(tmp_path, _trace_cache):
     from optuna.trial import TrialState
 
     data = _image_folder(tmp_path / "data", [0, 1] * 8)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = _tune_args(data, tmp_path / "unused", storage, 3, "--search-only")
-    workers = [_process(args), _process(args)]
+    workers = [_process(args, _trace_cache), _process(args, _trace_cache)]
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-2000:]

@@ -305,22 +305,9 @@ def token_merge_kernel(
     if energy_ptr is not None:
         energy_ptr += b * T
     order = _ranking(
-        metric_ptr,
-        valid_ptr,
-        energy_ptr,
-        T,
-        P,
-        D,
-        DP,
-        KIND,
-        MARGIN,
-        SIGMA,
-        GAUSS_NORM,
-        HAS_VALID,
-        TP,
-        BLOCK,
+        metric_ptr, valid_ptr, energy_ptr, T, P, D, DP, KIND, MARGIN, SIGMA, GAUSS_NORM, HAS_VALID, TP, BLOCK,
         BROADCAST_DOT,
-    )
+    )  # fmt: skip
     # Which ranks form A and B: A_k = rank A0 + AS k (k < NA), B_j = rank B0 + BS j (j < NB).
     if KIND == PITOME:
         A0: tl.constexpr = 0

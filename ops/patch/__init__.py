@@ -6,6 +6,9 @@ the family, freezes the schedule, and records it on the model as `model.token_sc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 from ops.errors import UnsupportedModelError
@@ -85,44 +88,13 @@ def patch_model(
     family = _family(model)
     if prop_attn is None:
         prop_attn = algo == "tome" and family in VISION_FAMILIES
+    merging = _Merging(algo, ratio, schedule, lowering)
     if family == "timm_vit":
-        timm_vit.check_supported(model)
-        num_tokens, num_prefix = timm_vit.token_layout(model)
-        token_schedule = build_schedule(
-            num_tokens, len(model.blocks), algo=algo, ratio=ratio, merges=schedule, num_prefix=num_prefix
-        )
-        flavor = flavor or timm_vit.infer_flavor(model)
-        steps = vision.layer_steps(token_schedule, algo, flavor, lowering)
-        timm_vit.patch(model, steps, prop_attn)
-        config = {"flavor": flavor}
+        token_schedule, steps, config = _patch_timm(model, merging, prop_attn, flavor)
     elif family == "hf_vision":
-        image_size = image_size or hf_vision.default_image_size(model)
-        hf_vision.check_supported(model, image_size)
-        num_tokens, num_prefix = hf_vision.token_layout(model, image_size)
-        token_schedule = build_schedule(
-            num_tokens, hf_vision.depth(model), algo=algo, ratio=ratio, merges=schedule, num_prefix=num_prefix
-        )
-        flavor = flavor or hf_vision.flavor_of(model)
-        steps = vision.layer_steps(token_schedule, algo, flavor, lowering)
-        hf_vision.patch(model, steps, prop_attn, image_size)
-        config = {"flavor": flavor, "image_size": image_size}
+        token_schedule, steps, config = _patch_hf_vision(model, merging, prop_attn, flavor, image_size)
     else:
-        if prop_attn:
-            raise UnsupportedModelError("proportional attention is not implemented for text models")
-        seq_len = seq_len or DEFAULT_TEXT_SEQ_LEN
-        num_tokens, num_prefix = hf_text.token_layout(model, seq_len)
-        token_schedule = build_schedule(
-            num_tokens,
-            hf_text.depth(model),
-            algo=algo,
-            ratio=ratio,
-            merges=schedule,
-            num_prefix=num_prefix,
-            merge_layers=hf_text.MERGE_LAYERS,
-        )
-        steps = hf_text.layer_steps(token_schedule, algo, lowering)
-        hf_text.patch(model, steps, padding_safe, seq_len)
-        config = {"seq_len": seq_len, "padding_safe": padding_safe}
+        token_schedule, steps, config = _patch_text(model, merging, prop_attn, seq_len, padding_safe)
     for merge in model.modules():
         if isinstance(merge, TokenMerge):
             merge.fused = merge_impl == "fused"
@@ -138,6 +110,61 @@ def patch_model(
         **config,
     }
     return model
+
+
+@dataclass(frozen=True)
+class _Merging:
+    """What every family's patch takes from `patch_model`'s arguments."""
+
+    algo: str
+    ratio: float | None
+    merges: list[int] | None
+    lowering: str
+
+    def schedule(
+        self, num_tokens: int, depth: int, num_prefix: int, merge_layers: Sequence[int] | None = None
+    ) -> TokenSchedule:
+        return build_schedule(num_tokens, depth, algo=self.algo, ratio=self.ratio, merges=self.merges,
+                              num_prefix=num_prefix, merge_layers=merge_layers)  # fmt: skip
+
+
+_Patched = tuple[TokenSchedule, list, dict]  # the frozen schedule, its layer steps, the family's config
+
+
+def _patch_timm(model: torch.nn.Module, merging: _Merging, prop_attn: bool, flavor: str | None) -> _Patched:
+    timm_vit.check_supported(model)
+    num_tokens, num_prefix = timm_vit.token_layout(model)
+    token_schedule = merging.schedule(num_tokens, len(model.blocks), num_prefix)
+    flavor = flavor or timm_vit.infer_flavor(model)
+    steps = vision.layer_steps(token_schedule, merging.algo, flavor, merging.lowering)
+    timm_vit.patch(model, steps, prop_attn)
+    return token_schedule, steps, {"flavor": flavor}
+
+
+def _patch_hf_vision(
+    model: torch.nn.Module, merging: _Merging, prop_attn: bool, flavor: str | None, image_size: int | None
+) -> _Patched:
+    image_size = image_size or hf_vision.default_image_size(model)
+    hf_vision.check_supported(model, image_size)
+    num_tokens, num_prefix = hf_vision.token_layout(model, image_size)
+    token_schedule = merging.schedule(num_tokens, hf_vision.depth(model), num_prefix)
+    flavor = flavor or hf_vision.flavor_of(model)
+    steps = vision.layer_steps(token_schedule, merging.algo, flavor, merging.lowering)
+    hf_vision.patch(model, steps, prop_attn, image_size)
+    return token_schedule, steps, {"flavor": flavor, "image_size": image_size}
+
+
+def _patch_text(
+    model: torch.nn.Module, merging: _Merging, prop_attn: bool, seq_len: int | None, padding_safe: bool
+) -> _Patched:
+    if prop_attn:
+        raise UnsupportedModelError("proportional attention is not implemented for text models")
+    seq_len = seq_len or DEFAULT_TEXT_SEQ_LEN
+    num_tokens, num_prefix = hf_text.token_layout(model, seq_len)
+    token_schedule = merging.schedule(num_tokens, hf_text.depth(model), num_prefix, merge_layers=hf_text.MERGE_LAYERS)
+    steps = hf_text.layer_steps(token_schedule, merging.algo, merging.lowering)
+    hf_text.patch(model, steps, padding_safe, seq_len)
+    return token_schedule, steps, {"seq_len": seq_len, "padding_safe": padding_safe}
 
 
 def repatch(model: torch.nn.Module, **changes: object) -> torch.nn.Module:

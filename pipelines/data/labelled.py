@@ -132,28 +132,41 @@ def open_vision_data(root: str, data_config: dict, limit: int | None = None, see
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"data folder not found: {root}")
-    mean = np.asarray(data_config["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(data_config["std"], dtype=np.float32)[:, None, None]
     idx = find_idx(path, split)
     if idx is not None:
-        images, labels = read_idx(idx[0]), read_idx(idx[1])
-        if len(images) != len(labels) or images.ndim != 3:
-            raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
-        if tuple(images.shape[1:]) != tuple(data_config["input_size"][1:]):
-            raise DataError(
-                f"{root}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
-                f"{data_config['input_size'][1]}x{data_config['input_size'][2]}"
-            )
-        keep = _limit(list(range(len(labels))), limit, seed)
-        images, labels = images[keep], labels[keep].astype(np.int64)
-        channels = len(data_config["mean"])
+        return _idx_data(root, split, idx, data_config, limit, seed)
+    return _image_folder_data(root, data_config, limit, seed)
 
-        def load_idx(indices: list[int]) -> dict[str, np.ndarray]:
-            x = images[indices].astype(np.float32)[:, None] / 255.0
-            x = np.repeat(x, channels, axis=1) if channels > 1 else x
-            return {"pixel_values": ((x - mean) / std).astype(np.float32)}
 
-        return LabelledData(f"Fashion-MNIST-style IDX {split} split in {root}", labels, load_idx)
+def _idx_data(
+    root: str, split: str, idx: tuple[Path, Path], data_config: dict, limit: int | None, seed: int
+) -> LabelledData:
+    """Grey IDX images, repeated to the model's channels and normalised as its data config says."""
+    images, labels = read_idx(idx[0]), read_idx(idx[1])
+    if len(images) != len(labels) or images.ndim != 3:
+        raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
+    if tuple(images.shape[1:]) != tuple(data_config["input_size"][1:]):
+        raise DataError(
+            f"{root}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
+            f"{data_config['input_size'][1]}x{data_config['input_size'][2]}"
+        )
+    keep = _limit(list(range(len(labels))), limit, seed)
+    images, labels = images[keep], labels[keep].astype(np.int64)
+    channels = len(data_config["mean"])
+    mean = np.asarray(data_config["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(data_config["std"], dtype=np.float32)[:, None, None]
+
+    def load_idx(indices: list[int]) -> dict[str, np.ndarray]:
+        x = images[indices].astype(np.float32)[:, None] / 255.0
+        x = np.repeat(x, channels, axis=1) if channels > 1 else x
+        return {"pixel_values": ((x - mean) / std).astype(np.float32)}
+
+    return LabelledData(f"Fashion-MNIST-style IDX {split} split in {root}", labels, load_idx)
+
+
+def _image_folder_data(root: str, data_config: dict, limit: int | None, seed: int) -> LabelledData:
+    """Class folders of image files, read and transformed by timm's eval transform as batches are asked for."""
+    path = Path(root)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(

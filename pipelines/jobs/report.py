@@ -315,10 +315,21 @@ def engine_markdown(engine: dict | None) -> list[str]:
 
 def markdown(summary: dict, spec) -> str:
     """report.md: random-init warning first, then the run context, schedule, parity and latency."""
-    ctx, parity, bench = summary["context"], summary["parity"], summary["bench"]
+    ctx = summary["context"]
     lines = random_init_banner(ctx, "parity and latency")
-    lines += [
-        f"# pitome-export report: {spec.name}",
+    lines += _context_markdown(ctx, spec.name)
+    lines += _schedule_markdown(summary["schedule"], summary["merge_config"])
+    lines += _parity_markdown(summary["parity"], summary["parity_line"])
+    lines += precision_markdown(summary.get("precision"))
+    lines += engine_markdown(summary.get("engine"))
+    lines += _bench_markdown(summary["bench"])
+    lines += _accuracy_markdown(summary.get("accuracy"))
+    return "\n".join(lines)
+
+
+def _context_markdown(ctx: dict, name: str) -> list[str]:
+    return [
+        f"# pitome-export report: {name}",
         "",
         f"- weights: {ctx['weights']}",
         f"- command: `{ctx['command_line']}`",
@@ -328,21 +339,28 @@ def markdown(summary: dict, spec) -> str:
         f"- seed: {ctx['seed']}; parity batch sizes: {ctx['parity_batch_sizes']}",
         *options_lines(ctx["options"]),
         "",
+    ]
+
+
+def _schedule_markdown(sched: dict, merge_config: dict) -> list[str]:
+    lines = [
         "## Schedule",
         "",
-        f"algo {summary['merge_config']['algo']}, ratio {summary['merge_config']['ratio']}, "
-        f"lowering {summary['merge_config']['lowering']}, proportional attention {summary['merge_config']['prop_attn']}",
+        f"algo {merge_config['algo']}, ratio {merge_config['ratio']}, "
+        f"lowering {merge_config['lowering']}, proportional attention {merge_config['prop_attn']}",
         "",
         "| layer | tokens in | merged | tokens out | step |",
         "|---:|---:|---:|---:|---|",
     ]
-    sched = summary["schedule"]
-    for i, (tin, r, tout, step) in enumerate(
-        zip(sched["tokens_in"], sched["merges"], sched["tokens_out"], summary["merge_config"]["steps"])
-    ):
-        lines.append(f"| {i} | {tin} | {r} | {tout} | {step} |")
-    lines += ["", "## Parity (ONNX Runtime CPU vs PyTorch reference)", ""]
-    lines += [
+    rows = zip(sched["tokens_in"], sched["merges"], sched["tokens_out"], merge_config["steps"])
+    lines += [f"| {i} | {tin} | {r} | {tout} | {step} |" for i, (tin, r, tout, step) in enumerate(rows)]
+    return lines + [""]
+
+
+def _parity_markdown(parity: dict, parity_line: str) -> list[str]:
+    lines = [
+        "## Parity (ONNX Runtime CPU vs PyTorch reference)",
+        "",
         "Max abs and max rel are also the minimum atol (or rtol) that would have passed.",
         "",
         "| output | max abs | max rel | mean abs | min cosine | top-1 agreement | result |",
@@ -354,38 +372,43 @@ def markdown(summary: dict, spec) -> str:
             f"| {o['name']} | {o['max_abs']:.3g} | {o['max_rel']:.3g} | {o['mean_abs']:.3g} | "
             f"{o['min_cosine']:.7f} | {_percent(o['top1_agreement'])} | {state} |"
         )
-    lines += ["", summary["parity_line"], ""]
-    lines += precision_markdown(summary.get("precision"))
-    lines += engine_markdown(summary.get("engine"))
-    if bench:
-        lines += ["## Latency", "", bench["how"], ""]
-        lines += latency_markdown(bench["latency"])
+    return lines + ["", parity_line, ""]
+
+
+def _bench_markdown(bench: dict | None) -> list[str]:
+    if not bench:
+        return []
+    lines = ["## Latency", "", bench["how"], ""]
+    lines += latency_markdown(bench["latency"])
+    lines += [
+        "",
+        f"Speed-up merged vs unmerged: ONNX Runtime {bench['speedup_onnxruntime']:.2f}x, "
+        f"PyTorch eager {bench['speedup_pytorch_eager']:.2f}x. Block FLOPs {bench['block_gflops_merged']:.2f} vs "
+        f"{bench['block_gflops_unmerged']:.2f} GFLOP per item: ideal {bench['block_flop_speedup']:.2f}x.",
+        "",
+    ]
+    if len(bench.get("speedup_vs_fp32_unmerged", {})) > 1:
         lines += [
-            "",
-            f"Speed-up merged vs unmerged: ONNX Runtime {bench['speedup_onnxruntime']:.2f}x, "
-            f"PyTorch eager {bench['speedup_pytorch_eager']:.2f}x. Block FLOPs {bench['block_gflops_merged']:.2f} vs "
-            f"{bench['block_gflops_unmerged']:.2f} GFLOP per item: ideal {bench['block_flop_speedup']:.2f}x.",
+            "ONNX Runtime speed-ups against the FP32 unmerged graph (`merged` is the shipped "
+            f"{bench['precision']} graph): "
+            + ", ".join(f"{name} {x:.2f}x" for name, x in bench["speedup_vs_fp32_unmerged"].items()),
             "",
         ]
-        if len(bench.get("speedup_vs_fp32_unmerged", {})) > 1:
-            lines += [
-                "ONNX Runtime speed-ups against the FP32 unmerged graph (`merged` is the shipped "
-                f"{bench['precision']} graph): "
-                + ", ".join(f"{name} {x:.2f}x" for name, x in bench["speedup_vs_fp32_unmerged"].items()),
-                "",
-            ]
-    accuracy = summary.get("accuracy")
-    if accuracy:
-        lines += [
-            "## Accuracy (ONNX Runtime, merged vs unmerged graphs)",
-            "",
-            f"{accuracy['samples']} samples from {accuracy['data']}.",
-            "",
-            "| graph | top-1 |",
-            "|---|---:|",
-            *(f"| {name} | {top1:.2%} |" for name, top1 in accuracy.get("top1", {}).items()),
-            "",
-            f"Change {accuracy['delta_points']:+.2f} points; the two graphs agree on {accuracy['agreement']:.2%} of predictions.",
-            "",
-        ]
-    return "\n".join(lines)
+    return lines
+
+
+def _accuracy_markdown(accuracy: dict | None) -> list[str]:
+    if not accuracy:
+        return []
+    return [
+        "## Accuracy (ONNX Runtime, merged vs unmerged graphs)",
+        "",
+        f"{accuracy['samples']} samples from {accuracy['data']}.",
+        "",
+        "| graph | top-1 |",
+        "|---|---:|",
+        *(f"| {name} | {top1:.2%} |" for name, top1 in accuracy.get("top1", {}).items()),
+        "",
+        f"Change {accuracy['delta_points']:+.2f} points; the two graphs agree on {accuracy['agreement']:.2%} of predictions.",
+        "",
+    ]
