@@ -318,6 +318,20 @@ def test_report_lists_the_changed_options_by_group():
     assert options_by_group(job, changed_only=False)["benchmark"]["--batch"] == 8
 
 
+def test_report_schedule_says_when_nothing_merges():
+    """A schedule of zeros (tune's unmerged choice, ratio 1.0) is reported as no merging, not as
+    merge settings that do nothing."""
+    from pipelines.jobs.report import _schedule_markdown
+
+    config = {"algo": "pitome", "ratio": None, "lowering": "matmul", "prop_attn": False}
+    unmerged = _schedule_markdown({"tokens_in": [5, 5], "merges": [0, 0], "tokens_out": [5, 5]},
+                                  {**config, "steps": ["none", "none"]})  # fmt: skip
+    merged = _schedule_markdown({"tokens_in": [5, 4], "merges": [1, 0], "tokens_out": [4, 4]},
+                                {**config, "steps": ["pitome", "none"]})  # fmt: skip
+    assert "no token merging" in "\n".join(unmerged) and "algo pitome" not in "\n".join(unmerged)
+    assert "algo pitome, ratio None" in "\n".join(merged) and "| 0 | 5 | 1 | 4 | pitome |" in merged
+
+
 def test_building_the_parser_imports_nothing_heavy():
     code = (
         "import sys; from pipelines.cli.commands import build_parser; build_parser(); "

@@ -106,7 +106,8 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
     cfg = summary["merge_config"]
     table = Table(title="pitome-export summary", show_header=False)
     table.add_row("model", f"{spec.name} ({ctx['weights']})")
-    table.add_row("merge", f"{cfg['algo']} ratio {cfg['ratio']}, lowering {cfg['lowering']}")
+    merging = f"{cfg['algo']} ratio {cfg['ratio']}, lowering {cfg['lowering']}" if any(sched["merges"]) else "none"
+    table.add_row("merge", merging)
     table.add_row(
         "tokens", f"{sched['tokens_in'][0]} -> {sched['tokens_out'][-1]} ({','.join(map(str, sched['merges']))})"
     )
@@ -343,11 +344,16 @@ def _context_markdown(ctx: dict, name: str) -> list[str]:
 
 
 def _schedule_markdown(sched: dict, merge_config: dict) -> list[str]:
+    settings = (
+        f"algo {merge_config['algo']}, ratio {merge_config['ratio']}, "
+        f"lowering {merge_config['lowering']}, proportional attention {merge_config['prop_attn']}"
+    )
+    if not any(sched["merges"]):  # e.g. the unmerged graph chosen by `tune`: its merge settings do nothing
+        settings = "no token merging: every layer keeps all its tokens"
     lines = [
         "## Schedule",
         "",
-        f"algo {merge_config['algo']}, ratio {merge_config['ratio']}, "
-        f"lowering {merge_config['lowering']}, proportional attention {merge_config['prop_attn']}",
+        settings,
         "",
         "| layer | tokens in | merged | tokens out | step |",
         "|---:|---:|---:|---:|---|",
