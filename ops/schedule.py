@@ -112,9 +112,7 @@ def build_schedule(
         if algo == "pitome" and ratio < 0.5:
             raise ScheduleError(f"PiToMe needs ratio >= 0.5 (it merges at most half the tokens), got {ratio}")
         merges = merges_from_ratio(num_tokens, depth, ratio, merge_layers)
-    merges = list(merges)
-    if len(merges) != depth:
-        raise ScheduleError(f"schedule has {len(merges)} entries but the model has {depth} layers")
+    merges = _per_layer(list(merges), depth, merge_layers)
     tokens, t = [], num_tokens
     for layer, r in enumerate(merges):
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
@@ -127,6 +125,21 @@ def build_schedule(
         t -= r
     layers = None if merge_layers is None else tuple(sorted(set(merge_layers)))
     return TokenSchedule(tuple(merges), tuple(tokens), num_prefix, layers)
+
+
+def _per_layer(merges: list, depth: int, merge_layers: Sequence[int] | None) -> list:
+    """One entry per layer. A model that merges in some layers only (BERT: the first three) also
+    takes one entry per merging layer, as `tune` reports its schedules; the others merge none."""
+    if len(merges) == depth:
+        return merges
+    layers = sorted(set(merge_layers)) if merge_layers is not None else None
+    if layers is not None and len(merges) == len(layers):
+        per_layer = [0] * depth
+        for layer, r in zip(layers, merges):
+            per_layer[layer] = r
+        return per_layer
+    merging = f" or its {len(layers)} merging layers ({','.join(map(str, layers))})" if layers is not None else ""
+    raise ScheduleError(f"schedule has {len(merges)} entries but the model has {depth} layers{merging}")
 
 
 def parse_schedule(text: str) -> list[int]:

@@ -48,6 +48,9 @@ def test_schedule_subcommand_prints_table():
     assert result.returncode == 0, result.stderr
     assert "schedule: 19,17,16,14,13,11,10,9,8,7,7,6" in result.stdout
     assert "1.79x fewer" in result.stdout
+    text = cli("schedule", "bert_base", "--schedule", "30,20,10")  # one entry per merging layer, as tune prints
+    assert text.returncode == 0, text.stderr
+    assert "schedule: 30,20,10,0,0,0,0,0,0,0,0,0" in text.stdout
 
 
 def test_env_subcommand():

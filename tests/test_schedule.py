@@ -64,6 +64,15 @@ def test_schedule_in_non_merging_layer_rejected():
         build_schedule(127, 6, algo="pitome", merges=[1, 1, 1, 1, 0, 0], merge_layers=(0, 1, 2))
 
 
+def test_a_schedule_per_merging_layer_is_accepted_where_only_some_layers_merge():
+    """`tune` reports a text model's schedule for its merging layers (e.g. MiniLM: 22,2,5); the
+    same list exports as is, the other layers merging none."""
+    short = build_schedule(63, 6, algo="pitome", merges=[22, 2, 5], merge_layers=(0, 1, 2))
+    assert short == build_schedule(63, 6, algo="pitome", merges=[22, 2, 5, 0, 0, 0], merge_layers=(0, 1, 2))
+    with pytest.raises(ScheduleError, match=r"4 entries but the model has 6 layers or its 3 merging layers \(0,1,2\)"):
+        build_schedule(63, 6, algo="pitome", merges=[1, 1, 1, 1], merge_layers=(0, 1, 2))
+
+
 def test_parse_schedule():
     assert parse_schedule("19,17, 16") == [19, 17, 16]
     with pytest.raises(ScheduleError):
