@@ -104,6 +104,35 @@ def test_study_name_changes_with_what_decides_a_trial():
     assert study_name({**settings, "max_drop": 1.0}) != study_name(settings)
 
 
+def _queued(study) -> list[str]:
+    from optuna.trial import TrialState
+
+    return [
+        json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
+        for t in study.get_trials(states=(TrialState.WAITING,))
+    ]
+
+
+def test_workers_opening_one_study_queue_each_seed_once(tmp_path, monkeypatch):
+    """Only the worker that created the study queues the seeds; another joining it waits for them
+    and adds none (before, both checked for a seed, found none and queued it: run twice). When
+    the creator died before queueing them, a joining worker queues them itself."""
+    from pipelines.jobs.tune import study as study_module
+
+    seeds = [{"algo": "pitome", "keep_0": 0.9}, {"algo": "tome", "keep_0": 0.9}]
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    (first, created), (second, joined) = (study_module.open_study(url, "s", {}, 0) for _ in range(2))
+    assert (created, joined) == (True, False)
+    study_module.enqueue_seeds(first, seeds, created)
+    study_module.enqueue_seeds(second, seeds, joined)
+    assert sorted(_queued(second)) == sorted(json.dumps(p, sort_keys=True) for p in seeds)
+
+    orphan, created = study_module.open_study(f"sqlite:///{tmp_path / 'orphan.db'}", "s", {}, 0)
+    monkeypatch.setattr(study_module, "SEEDS_WAIT_SECONDS", 0.0)
+    study_module.enqueue_seeds(orphan, seeds, False)  # its creator never queued them
+    assert len(_queued(orphan)) == len(seeds)
+
+
 # The splits
 
 

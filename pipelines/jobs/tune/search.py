@@ -97,8 +97,9 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
     prop_attn = (False, True) if spec.kind == "vision" else (False,)
     space = SearchSpace(layout, tuple(job.algos), prop_attn, tuple(job.precisions))
     settings = tune_settings(job, spec, splits, space)
-    study = open_study(job.storage_url(), study_name(settings), settings, job.seed)
-    enqueue_seeds(study, space.seeds(SEED_RATIOS["shallow" if layout.knots == len(layout.merge_layers) else "deep"]))
+    study, created = open_study(job.storage_url(), study_name(settings), settings, job.seed)
+    seeds = space.seeds(SEED_RATIOS["shallow" if layout.knots == len(layout.merge_layers) else "deep"])
+    enqueue_seeds(study, seeds, created)
     scratch = Path(tempfile.mkdtemp(prefix="pitome-tune-"))
     bench = TrialBench(
         model, spec.kind, seq_len, signature, layout, num_prefix, model_width(model),

@@ -79,17 +79,21 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def open_study(url: str, name: str, settings: dict, seed: int):
-    """Create or load the study: seeded constrained TPE, maximising the objective."""
+def open_study(url: str, name: str, settings: dict, seed: int) -> tuple[object, bool]:
+    """Create or load the study (seeded constrained TPE, maximising the objective); also whether
+    this call created it: of several workers started together, exactly one did."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C'd trial is not worth a traceback
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)  # constraints: Trial.set_constraint
-    study = optuna.create_study(
-        storage=open_storage(url), study_name=name, direction="maximize", sampler=sampler, load_if_exists=True
-    )
+    storage = open_storage(url)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(storage=storage, study_name=name, sampler=sampler), False
     study.set_user_attr("settings", settings)
-    return study
+    return study, created
 
 
 @dataclass
@@ -197,9 +201,29 @@ def completed(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def enqueue_seeds(study, seeds: list[dict]) -> None:
-    """Queue the uniform schedules first. A seed already queued, running or done is skipped (a
-    resumed study, a second worker); one whose trial failed (Ctrl-C) is queued again."""
+SEEDED = "seeds_queued"  # study attribute: the uniform schedules are in the queue
+SEEDS_WAIT_SECONDS = 10.0
+
+
+def enqueue_seeds(study, seeds: list[dict], created: bool) -> None:
+    """Queue the uniform schedules first, each once whatever the number of workers.
+
+    The worker that created the study queues them and marks the study (a check-then-queue by
+    every worker would race: two workers started together both found a seed missing and both
+    queued it). A worker joining a study waits for the mark, then queues again only the seeds
+    whose every trial failed (Ctrl-C); it queues them all if the creator died before marking."""
+    if created:
+        for params in seeds:
+            study.enqueue_trial(params, user_attrs={"seed": True})
+        study.set_user_attr(SEEDED, True)
+        return
+    deadline = time.monotonic() + SEEDS_WAIT_SECONDS
+    while SEEDED not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _requeue_failed_seeds(study, seeds)
+
+
+def _requeue_failed_seeds(study, seeds: list[dict]) -> None:
     from optuna.trial import TrialState
 
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -212,6 +236,7 @@ def enqueue_seeds(study, seeds: list[dict]) -> None:
     for params in seeds:
         failed_only = params in tried and params not in alive
         study.enqueue_trial(params, user_attrs={"seed": True}, skip_if_exists=not failed_only)
+    study.set_user_attr(SEEDED, True)
 
 
 def search(study, objective: Objective, trials: int, deadline: float, on_trial: Callable[[object], None]) -> None:
