@@ -10,8 +10,8 @@ trace (metadata, checks, files, parity, conversion) still runs in every test.
 The fingerprint covers the traced module tree (classes, the code of their methods, plain
 attributes, configs, parameters and buffers), the source of `ops` and `exporter` and any of
 their functions a test replaced (so a monkeypatched merge function makes a new key), the example
-inputs and the export arguments. A test marked `fresh_exports` traces every export itself. Graphs are kept as files
-in a folder of this run that the pytest-xdist workers share.
+inputs and the export arguments. A test marked `fresh_exports` traces every export itself.
+Graphs are kept as files in a folder of this run that the pytest-xdist workers share.
 """
 
 from __future__ import annotations
@@ -130,9 +130,9 @@ class TraceCache:
         self.folder, self.trace, self.fresh = folder, trace, False
 
     def __call__(self, wrapper, inputs, sig, output_names, opset, dynamic_batch, translations=None):
-        arguments = (sig.input_names, output_names, opset, dynamic_batch, translations or {})
         if self.fresh:
             return self.trace(wrapper, inputs, sig, output_names, opset, dynamic_batch, translations)
+        arguments = (sig.input_names, output_names, opset, dynamic_batch, translations or {})
         path = self.folder / f"{fingerprint(wrapper, inputs, *arguments)}.onnx"
         if path.exists():
             return onnx.load_from_string(path.read_bytes())

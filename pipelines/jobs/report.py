@@ -344,11 +344,12 @@ def _context_markdown(ctx: dict, name: str) -> list[str]:
 
 
 def _schedule_markdown(sched: dict, merge_config: dict) -> list[str]:
-    settings = (
-        f"algo {merge_config['algo']}, ratio {merge_config['ratio']}, "
-        f"lowering {merge_config['lowering']}, proportional attention {merge_config['prop_attn']}"
-    )
-    if not any(sched["merges"]):  # e.g. the unmerged graph chosen by `tune`: its merge settings do nothing
+    if any(sched["merges"]):
+        settings = (
+            f"algo {merge_config['algo']}, ratio {merge_config['ratio']}, "
+            f"lowering {merge_config['lowering']}, proportional attention {merge_config['prop_attn']}"
+        )
+    else:  # e.g. the unmerged graph chosen by `tune`: its merge settings do nothing
         settings = "no token merging: every layer keeps all its tokens"
     lines = [
         "## Schedule",
