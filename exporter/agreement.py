@@ -72,29 +72,39 @@ class AgreementReport:
     mean_cosine: float
     max_abs: float
     classes: int = 0  # size of the compared output per sample (logits)
+    nonfinite: int = 0  # output values that are Inf/NaN in the reduced graph where FP32's are finite
     layer_agreement: dict[str, float] = field(default_factory=dict)
     cumulative_agreement: dict[str, float] = field(default_factory=dict)
     debug_graph: dict | None = None  # opset, batch mode, and whether it reproduces the shipped graph
     merge_findings: list[str] = field(default_factory=list)  # merge nodes the conversion reduced
     accuracy: dict | None = None  # labelled data: samples, top-1 of FP32 merged and reduced
 
-    def attach_accuracy(self, accuracy: dict, reduced: str = "merged", fp32: str = "merged fp32") -> None:
-        """Judge by accuracy from now on: `accuracy` is `pipelines.jobs.accuracy.measure_accuracy`'s
-        result, in which `reduced` and `fp32` name the two graphs scored on the same samples."""
+    def attach_accuracy(
+        self, accuracy: dict, reduced: str = "merged", fp32: str = "merged fp32", why_not: str | None = None
+    ) -> None:
+        """Judge by accuracy from now on, if it can tell: `accuracy` is `pipelines.jobs.accuracy.
+        measure_accuracy`'s result, in which `reduced` and `fp32` name the two graphs scored on the
+        same samples. Accuracy is only reported, and the outputs decide, when `why_not` says why it
+        cannot mean anything (a random-init model) or when FP32 itself scores at chance
+        (`at_chance`): there, any broken graph would "keep" the budget."""
         self.accuracy = {
             "data": accuracy["data"],
             "samples": accuracy["samples"],
             "top1_fp32": accuracy["top1"][fp32],
             "top1_reduced": accuracy["top1"][reduced],
+            "chance": accuracy.get("chance"),
         }
+        self.accuracy["uninformative"] = why_not or at_chance(self.accuracy)
 
     @property
     def decided_by(self) -> str:
-        return "accuracy" if self.accuracy is not None else "outputs"
+        return "accuracy" if self.accuracy is not None and not self.accuracy["uninformative"] else "outputs"
 
     def checks(self) -> list[tuple[bool, str]]:
         """(passed, what it says) for every check that gates this graph, the deciding rule first."""
         rule, checks = self.rule, [self._rule_check()]
+        if self.nonfinite:
+            checks.append(self._finite_check())
         if self.merge_findings:
             checks.append((False, f"the conversion reduced {len(self.merge_findings)} merge nodes, first "
                                   f"{self.merge_findings[0]}"))  # fmt: skip
@@ -107,7 +117,7 @@ class AgreementReport:
 
     def _rule_check(self) -> tuple[bool, str]:
         rule, acc = self.rule, self.accuracy
-        if acc is not None:
+        if self.decided_by == "accuracy":
             drop = 100.0 * (acc["top1_fp32"] - acc["top1_reduced"])
             ok = drop <= rule.max_accuracy_drop + 1e-9
             miss = "" if ok else f"; {drop - rule.max_accuracy_drop:.2f} points more than allowed"
@@ -115,16 +125,23 @@ class AgreementReport:
                 f"accuracy on {acc['samples']} labelled samples ({acc['data']}): {acc['top1_reduced']:.2%} vs "
                 f"{acc['top1_fp32']:.2%} FP32 merged, {-drop:+.2f} points (allowed drop {rule.max_accuracy_drop:g}{miss})"
             )
-        shortfalls = {"mean": rule.min_mean_cosine - self.mean_cosine, "worst": rule.min_cosine - self.min_cosine}
-        misses = [f"{which} {short:.5f} short" for which, short in shortfalls.items() if short > 0]
+        figures = {"mean": (self.mean_cosine, rule.min_mean_cosine), "worst": (self.min_cosine, rule.min_cosine)}
+        # `not value >= bound`, not `bound - value > 0`: a NaN cosine (non-finite outputs) misses
+        misses = [
+            f"{which} {bound - value:.5f} short" for which, (value, bound) in figures.items() if not value >= bound
+        ]
         hint = ""
         if misses and self.classes <= FEW_CLASSES:
             hint = f" ({self.classes} logits: their cosine swings near the decision boundary; judge by --data)"
         return not misses, (
-            f"logit cosine on {self.samples} unlabelled samples: mean {self.mean_cosine:.5f} (bound "
+            f"logit cosine on {self.samples} parity samples: mean {self.mean_cosine:.5f} (bound "
             f"{rule.min_mean_cosine:g}), worst sample {self.min_cosine:.5f} (bound {rule.min_cosine:g})"
             + (f"; {', '.join(misses)}{hint}" if misses else "")
         )
+
+    def _finite_check(self) -> tuple[bool, str]:
+        n = self.nonfinite
+        return n == 0, f"{n} output values are Inf or NaN where FP32's are finite" if n else "outputs finite"
 
     def _decisions_check(self, bound: float) -> tuple[bool, str]:
         if not self.layer_agreement:
@@ -151,6 +168,10 @@ class AgreementReport:
         line = f"{state} | {self.precision} vs fp32 merged graph by {self.decided_by}: {rule_text}"
         line += "".join(f" | {'passed' if ok else 'FAILED'}: {text}" for ok, text in others)
         line += f" | reported: top-1 agreement {self.top1_agreement:.2%} on {self.samples} parity samples"
+        if self.accuracy is not None and self.decided_by == "outputs":
+            acc = self.accuracy
+            line += (f", accuracy {acc['top1_reduced']:.2%} vs {acc['top1_fp32']:.2%} FP32 merged on {acc['samples']} "
+                     f"samples (not deciding: {acc['uninformative']})")  # fmt: skip
         if self.decided_by == "accuracy":
             line += f", logit cosine mean {self.mean_cosine:.5f}, worst {self.min_cosine:.5f}"
         if self.layer_agreement:
@@ -163,6 +184,24 @@ class AgreementReport:
         if self.debug_graph and not self.debug_graph["reproduces"]:
             line += f" (debug graph off the shipped graph by max abs {self.debug_graph['max_abs']:.3g})"
         return line
+
+
+# Accuracy tells graphs apart only where FP32 scores clearly above guessing the most frequent
+# class: three binomial standard errors of that guess on the samples, and at least one point.
+CHANCE_MARGIN_SE, CHANCE_MARGIN_MIN = 3.0, 0.01
+
+
+def at_chance(accuracy: dict) -> str | None:
+    """Why accuracy cannot tell a broken graph from a good one on these samples, or None: FP32
+    merged scores within the margin above chance (`accuracy["chance"]`, the most frequent label's
+    share)."""
+    chance = accuracy.get("chance")
+    if chance is None:
+        return None
+    margin = max(CHANCE_MARGIN_MIN, CHANCE_MARGIN_SE * float(np.sqrt(chance * (1 - chance) / accuracy["samples"])))
+    if accuracy["top1_fp32"] > chance + margin:
+        return None
+    return f"FP32 merged scores {accuracy['top1_fp32']:.2%}, at chance (most frequent label {chance:.2%})"
 
 
 def token_destinations(slots_per_layer: list[np.ndarray]) -> list[np.ndarray]:
@@ -234,15 +273,17 @@ def decision_agreement(
 def _output_figures(fp32_graph: Path, reduced_graph: Path, feeds: list[dict], providers: str, threads) -> dict:
     """Top-1 agreement, logit cosine (mean, min) and max abs difference over `feeds`."""
     fp32, reduced = (ort_session(path, providers, threads) for path in (fp32_graph, reduced_graph))
-    agree, cos_parts, max_abs = [], [], 0.0
+    agree, cos_parts, max_abs, nonfinite = [], [], [], 0
     for feed in feeds:
         a, b = fp32.run(None, feed)[0], reduced.run(None, feed)[0]
         agree.append(top1_agrees(a, b))
         cos_parts.append(cosines(a, b))
-        max_abs = max(max_abs, float(np.abs(a - b).max()))
-    cos = np.concatenate(cos_parts)
+        max_abs.append(np.abs(a - b).max())
+        nonfinite += int((np.isfinite(a) & ~np.isfinite(b)).sum())
+    cos = np.concatenate(cos_parts)  # np.min/np.mean/np.max keep a NaN, so a NaN never passes a bound
     return {"samples": int(cos.size), "classes": int(a[0].size), "top1_agreement": float(np.concatenate(agree).mean()),
-            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs": max_abs}  # fmt: skip
+            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs": float(np.max(max_abs)),
+            "nonfinite": nonfinite}  # fmt: skip
 
 
 def reproduces(debug_graph: Path, shipped_graph: Path, feeds: list[dict], providers: str = "cpu", threads=None) -> dict:
@@ -255,7 +296,7 @@ def reproduces(debug_graph: Path, shipped_graph: Path, feeds: list[dict], provid
     for feed in feeds:
         expected, got = shipped.run(None, feed)[0], debug.run([main], feed)[0]
         diff = np.abs(got - expected)
-        max_abs, ok = max(max_abs, float(diff.max())), ok and within(diff, expected, Tolerances())
+        max_abs, ok = float(np.max([max_abs, diff.max()])), ok and within(diff, expected, Tolerances())
     settings = export_settings(debug_graph)
     return {
         "opset": settings["opset"],

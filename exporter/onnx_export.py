@@ -148,8 +148,9 @@ def export_onnx(
     patched with that merge lowering (same schedule) and leaves it patched as it was. Names follow Optimum: `pixel_values`
     -> `logits` (or a feature model's `last_hidden_state` and `pooler_output`/`image_embeds`),
     `input_ids`/`attention_mask`/`token_type_ids` -> `logits`. `decisions` adds
-    each merging layer's token slots and slot owners as outputs `slots_<layer>`, `owners_<layer>`
-    (a debug graph, never shipped).
+    each merging layer's token slots and slot owners as outputs `slots_<layer>`, `owners_<layer>`,
+    then every ranking and best match of its merge with its scores, `<kind>_<layer>_<k>` and
+    `<kind>_scores_<layer>_<k>` (a debug graph, never shipped).
     `fused` emits each merge step as one `pitome::TokenMerge` node (the TensorRT plugin's op,
     `exporter.merge_node`) instead of decomposed ONNX ops.
     """
@@ -163,10 +164,12 @@ def export_onnx(
         model.eval()
         wrapper, names = ExportWrapper(model, sig), list(sig.output_names)
         if decisions:
-            from exporter.decisions import DecisionWrapper, decision_output_names, owner_output_names
+            from exporter import decisions as debug
 
-            wrapper = DecisionWrapper(model, sig)
-            names = names + decision_output_names(model) + owner_output_names(model)
+            wrapper = debug.DecisionWrapper(model, sig)
+            kinds = debug.choice_kinds(model, inputs, sig)
+            names += debug.decision_output_names(model) + debug.owner_output_names(model)
+            names += debug.choice_output_names(model, kinds)
         translations, fusing = op_lowering.translation_table(), contextlib.nullcontext()
         if fused:
             from exporter.merge_node import fused_merges, translation_table

@@ -12,6 +12,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -144,17 +145,56 @@ def require_ort_provider(providers: str) -> list[str]:
     return wanted
 
 
+class OpenVinoSession:
+    """A graph compiled by OpenVINO for its CPU plugin, in FP32, behind the part of ONNX
+    Runtime's `InferenceSession` that the checks and polygraphy's runner use (`get_inputs`,
+    `get_outputs`, `run`). A second runtime with kernels of its own: what parity's near-tie
+    verdicts are tested against (an honest runtime with other numerics)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": "f32"}  # the CPU plugin would pick BF16 on CPUs that have it
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+
+        def port(p) -> SimpleNamespace:
+            dtype = {"f32": "tensor(float)", "i64": "tensor(int64)", "i32": "tensor(int32)"}[
+                p.get_element_type().get_type_name()
+            ]
+            shape = [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
+            return SimpleNamespace(name=p.get_any_name(), type=dtype, shape=shape)
+
+        self._inputs, self._outputs = [port(p) for p in self.compiled.inputs], [port(p) for p in self.compiled.outputs]
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs
+
+    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.compiled(feed)
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return [np.asarray(by_name[name]) for name in (output_names or [o.name for o in self._outputs])]
+
+
 def ort_session(path: str | os.PathLike, providers: str = "cpu", threads: int | None = None, spinning: bool = False):
     """An ONNX Runtime session with fixed intra-op threads and spinning off (fair timing).
 
-    A graph with fused merge nodes (`--merge-impl plugin`) runs them through the Python
-    reference kernels of `exporter.merge_node`: right numbers, not plugin speed.
+    `providers` names an ONNX Runtime provider set (`ORT_PROVIDERS`), or `openvino` for an
+    `OpenVinoSession` (library use: a second runtime for parity). A graph with fused merge
+    nodes (`--merge-impl plugin`) runs them through the Python reference kernels of
+    `exporter.merge_node`: right numbers, not plugin speed.
     """
     import onnx
     import onnxruntime as ort
 
     from exporter.merge_node import plugin_nodes, reference_model
 
+    if providers == "openvino":
+        return OpenVinoSession(path, threads)
     wanted = require_ort_provider(providers)
     options = ort.SessionOptions()
     if threads:

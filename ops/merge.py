@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ops.decision_tape import taped
+
 LOWERINGS = ("matmul", "scatter")
 MERGE_IMPLS = ("decomposed", "fused")  # TokenMerge's modules, or the one `pitome::token_merge` operator
 STEP_KINDS = ("pitome", "pitome_bsm", "tome", "pitome_text")
@@ -105,7 +107,18 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     A stable sort, which export lowers to one ONNX TopK: the ONNX spec breaks TopK's ties by
     the lower index, the same order (`exporter.op_lowering`).
     """
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return taped("order", scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices)
+
+
+def best_match(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `scores [B, R, C]`, the best score and its column `[B, R]`, ties to the lower
+    column (ONNX ArgMax keeps the first maximum too). With a forced choice (`ops.decision_tape`)
+    the score is the one at the forced column."""
+    best_score, best = scores.max(dim=-1)
+    chosen = taped("match", scores, best)
+    if chosen is not best:
+        best_score = scores.gather(-1, chosen[..., None]).squeeze(-1)
+    return best_score, chosen
 
 
 @torch.library.custom_op("pitome::gather_rows", mutates_args=())
@@ -144,7 +157,7 @@ def _bipartite_plan(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, r: i
     `a [B, nA]` and `b [B, nB]` are token indices, `scores [B, nA, nB]` their similarity.
     Output `[unmerged A (in A order), B]`; only B slots receive.
     """
-    best_score, best_b = scores.max(dim=-1)
+    best_score, best_b = best_match(scores)
     a_order = descending_order(best_score)
     merged_a = a_order[:, :r]
     n_stay = a.shape[1] - r
@@ -220,7 +233,7 @@ def pitome_assignment(metric: torch.Tensor, r: int, margin: float, bsm: bool) ->
         return _bipartite_plan(a, b, metric_a @ metric_b.transpose(1, 2), r)
     a, b = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
     metric_a, metric_b = _gather_rows(metric, a, b)
-    best_b = (metric_a @ metric_b.transpose(1, 2)).max(dim=-1).indices
+    _, best_b = best_match(metric_a @ metric_b.transpose(1, 2))
     return _protected_plan(order, a, b, best_b)
 
 
@@ -235,7 +248,7 @@ def pitome_text_assignment(metric: torch.Tensor, r: int, margin: float, valid: t
     order = descending_order(torch.where(valid > 0, gaussian_energy(sim, margin, valid), _PAD_ENERGY))
     a, b = order[:, :r], order[:, r : 2 * r]
     (sim_a,) = _gather_rows(sim, a)
-    best_b = sim_a.gather(2, b[:, None, :].expand(-1, r, -1)).max(dim=-1).indices
+    _, best_b = best_match(sim_a.gather(2, b[:, None, :].expand(-1, r, -1)))
     return _protected_plan(order, a, b, best_b)
 
 

@@ -417,7 +417,7 @@ def test_no_label_rule_accepts_int8_and_refuses_a_damaged_graph(merged_graph):
     report = check_reduced_precision("int8", fp32, good, _feeds(3))
     assert report.passed and report.decided_by == "outputs" and report.samples == 12
     assert report.mean_cosine >= 0.99 and report.min_cosine >= 0.98
-    assert report.verdict().startswith("PASSED | int8 vs fp32 merged graph by outputs: logit cosine on 12 unlabelled")
+    assert report.verdict().startswith("PASSED | int8 vs fp32 merged graph by outputs: logit cosine on 12 parity")
     bad = convert_precision(_damaged(fp32, folder / "damaged.onnx"), folder / "damaged-int8.onnx", "int8", "dynamic")
     report = check_reduced_precision("int8", fp32, bad, _feeds(3))
     assert not report.passed and report.mean_cosine < 0.99
@@ -493,7 +493,9 @@ def test_debug_graphs_take_the_shipped_graphs_opset_and_batch_mode(tmp_path, ops
     assert export_settings(debug) == export_settings(shipped) == {
         "opset": opset, "dynamic_batch": not static_batch, "batch": 2 if static_batch else None
     }  # fmt: skip
-    assert [o.name for o in onnx.load(debug).graph.output][1:] == ["slots_0", "slots_1", "owners_0", "owners_1"]
+    names = [o.name for o in onnx.load(debug).graph.output]
+    assert names[1:5] == ["slots_0", "slots_1", "owners_0", "owners_1"]
+    assert names[5:7] == ["order_0_0", "order_scores_0_0"]  # then every choice of the merge, with its scores
 
 
 def test_forced_decision_explanation_runs_on_the_failing_provider(monkeypatch, merged_graph):
@@ -514,7 +516,7 @@ def test_forced_decision_explanation_runs_on_the_failing_provider(monkeypatch, m
     monkeypatch.setattr(runners, "ort_session", session)
     exact = Tolerances(atol=0.0, rtol=0.0)  # float noise fails it: the explanation must run
     report = verify_export(model, signature_of(model), fp32, _feeds(1), exact, "cpu", providers="cuda")
-    assert report.decisions is not None and report.decisions["debug_graph"]["opset"] == 20
+    assert report.decisions is not None and report.decisions.debug_graph["opset"] == 20
     assert len(asked) >= 3 and set(asked) == {"cuda"}
 
 

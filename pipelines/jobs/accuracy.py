@@ -61,5 +61,6 @@ def measure_accuracy(
         "delta_points": 100.0 * (top1_merged - top1_unmerged),
         "agreement": float((merged_pred == unmerged_pred).mean()),
         "top1": top1,
+        "chance": float(np.bincount(data.labels).max() / len(data)),  # always guessing the most frequent label
         "agreement_with_unmerged": {name: float((p == unmerged_pred).mean()) for name, p in predicted.items()},
     }

@@ -193,7 +193,9 @@ def acceptance_markdown(agreement: dict) -> list[str]:
         how = (f"top-1 accuracy within {rule['max_accuracy_drop']:g} points of the FP32 merged graph on the same "
                f"{acc['samples']} labelled samples ({acc['data']})")  # fmt: skip
     else:
-        how = (f"no labelled data, so output similarity on {agreement['samples']} parity samples: logit cosine "
+        acc = agreement["accuracy"]
+        why = f"accuracy cannot decide ({acc['uninformative']})" if acc else "no labelled data"
+        how = (f"{why}, so output similarity on {agreement['samples']} parity samples: logit cosine "
                f"mean >= {rule['min_mean_cosine']:g} and every sample >= {rule['min_cosine']:g}")  # fmt: skip
     lines = [f"- accepted by: {how}"]
     gated = [name for name, key in (("top-1 agreement", "min_top1"), ("decision agreement", "min_decisions"))

@@ -307,7 +307,8 @@ def accuracy(ctx: JobContext) -> None:
             extra=ctx.extra_graphs,
         )  # fmt: skip
     if ctx.agreement is not None:
-        ctx.agreement.attach_accuracy(ctx.accuracy)
+        why_not = "random-init weights: accuracy means nothing" if ctx.origin == "random-init" else None
+        ctx.agreement.attach_accuracy(ctx.accuracy, why_not=why_not)
 
 
 STAGES: tuple[Callable[[JobContext], None], ...] = (

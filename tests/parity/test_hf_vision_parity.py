@@ -31,7 +31,6 @@ def test_hf_vision_onnx_matches_pytorch(tmp_path, family, algo, lowering):
     report = run_parity(model, tmp_path / "model.onnx")
     assert tuple(o.name for o in report.outputs) == outputs
     assert report.passed, report.verdict()
-    assert all(o.passed for o in report.outputs) or report.decisions["forced_passed"]
 
 
 def full_size(family: str):

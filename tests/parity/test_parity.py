@@ -92,7 +92,7 @@ def test_full_size_deit_tiny(tmp_path, algo, seed):
     report = run_parity(model, tmp_path / "model.onnx")
     assert report.passed, report.verdict()
     if (seed, algo) == (3, "pitome"):
-        assert report.decisions["samples_with_flips"] >= 1 and report.decisions["forced_max_abs"] < 1e-4
+        assert report.decisions.samples_with_flips >= 1 and report.decisions.forced_max_abs < 1e-4
 
 
 def test_wrong_export_fails_even_with_forced_decisions(deit_pitome_export):
@@ -105,10 +105,10 @@ def test_wrong_export_fails_even_with_forced_decisions(deit_pitome_export):
     feeds = parity_feeds(signature, batch_sizes=(2,), batches_per_size=1)
     report = verify_export(model, signature, path, feeds, TOLERANCES["fp32"], torch.device("cpu"), threads=2)
     assert not report.passed
-    assert report.decisions is not None and not report.decisions["forced_passed"]
-    assert set(report.decisions["layer_agreement"]) == {"slots_0", "slots_1", "slots_2", "slots_3"}
-    assert all(v == 1.0 for v in report.decisions["layer_agreement"].values())  # same decisions, wrong numbers
-    assert "FAILED" in report.verdict() and "OUTSIDE tolerance" in report.verdict()
+    assert report.decisions is not None and not report.decisions.reproduces
+    assert set(report.decisions.layer_agreement) == {"slots_0", "slots_1", "slots_2", "slots_3"}
+    assert all(v == 1.0 for v in report.decisions.layer_agreement.values())  # same decisions, wrong numbers
+    assert "FAILED" in report.verdict() and "does not reproduce the shipped graph" in report.verdict()
 
 
 @pytest.mark.parametrize("kind", ["pitome", "pitome_bsm", "tome"])
@@ -139,25 +139,38 @@ def test_exact_ties_rank_alike_in_onnx_and_eager(tmp_path, kind):
 
 
 def test_debug_export_decisions_match_eager(tmp_path):
-    from exporter.decisions import run_eager
+    from exporter.decisions import graph_choices, run_eager
     from exporter.runners import ort_session
 
     model = build("bert", "pitome", "r0.9", "matmul")
     path = export_onnx(model, None, tmp_path / "debug.onnx", decisions=True)
     signature = signature_of(model)
     (feed,) = parity_feeds(signature, batch_sizes=(3,), batches_per_size=1)
-    logits, *decisions = ort_session(path).run(None, feed)
-    slots, owners = decisions[:3], decisions[3:]
-    eager_logits, eager_slots = run_eager(model, signature, feed, torch.device("cpu"))
-    assert len(owners) == 3 and all((g == e.numpy()).all() for g, e in zip(slots, eager_slots))
+    session = ort_session(path)
+    graph = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    logits = graph["logits"]
+    slots = [graph[f"slots_{i}"] for i in range(3)]
+    owners = [graph[f"owners_{i}"] for i in range(3)]
+    eager = run_eager(model, signature, feed, torch.device("cpu"))
+    (eager_logits,) = eager.outputs
+    assert all((g == e.numpy()).all() for g, e in zip(slots, eager.layers.slots))
+    choices = graph_choices(graph)  # every ranking and best match, with the scores it ranked
+    assert [[c.kind for c in layer] for layer in choices] == [
+        [call.kind for call in layer] for layer in eager.tape.layers
+    ]
+    for graph_layer, eager_layer in zip(choices, eager.tape.layers):
+        for made, call in zip(graph_layer, eager_layer):
+            np.testing.assert_array_equal(made.choice, call.choice.numpy())
+            np.testing.assert_allclose(made.scores, call.scores.numpy(), atol=1e-5)
     for layer_slots, layer_owners in zip(slots, owners):  # every slot's owner sits in that slot
         n_out = layer_owners.shape[1]
         assert layer_slots.max() == n_out - 1
         np.testing.assert_array_equal(
             np.take_along_axis(layer_slots, layer_owners, 1), np.arange(n_out)[None].repeat(3, 0)
         )
-    forced_logits, _ = run_eager(model, signature, feed, torch.device("cpu"), forced=slots)
-    torch.testing.assert_close(forced_logits, eager_logits, atol=0, rtol=0)
+    forced = run_eager(model, signature, feed, torch.device("cpu"), forced=slots, forced_choices=choices)
+    torch.testing.assert_close(forced.outputs[0], eager_logits, atol=0, rtol=0)
+    assert all(torch.equal(own, used) for own, used in zip(forced.layers.own_slots, forced.layers.slots))
     np.testing.assert_allclose(logits, eager_logits.numpy(), atol=1e-4)
 
 
