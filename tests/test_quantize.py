@@ -424,6 +424,30 @@ def test_no_label_rule_accepts_int8_and_refuses_a_damaged_graph(merged_graph):
     assert report.verdict().startswith("FAILED") and f"mean {0.99 - report.mean_cosine:.5f} short" in report.verdict()
 
 
+def _decided_images(session, count: int, per_class: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """`count` images and FP32's predictions for them, at most `per_class` of a class, each
+    predicted by a clear logit margin. Noise images all fall in one class of the random-init
+    model, and labels of one class leave accuracy at chance (it then no longer decides); varied
+    brightness and colour spread the predictions."""
+    rng = np.random.default_rng(5)
+    pool = rng.standard_normal((256, 3, 64, 64)) * rng.uniform(0.5, 5, (256, 1, 1, 1)) + rng.uniform(
+        -5, 5, (256, 3, 1, 1)
+    )
+    pool = pool.astype(np.float32)
+    logits = session.run(None, {"pixel_values": pool})[0]
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    order = np.argsort(top2[:, 0] - top2[:, 1])  # widest margin first
+    chosen, taken = [], {}
+    for i in order:
+        label = int(logits[i].argmax())
+        if taken.get(label, 0) < per_class:
+            chosen.append(i)
+            taken[label] = taken.get(label, 0) + 1
+    chosen = sorted(chosen[:count])
+    assert len(chosen) == count and max(taken.values()) < count
+    return pool[chosen], logits[chosen].argmax(-1)
+
+
 def test_labelled_rule_judges_accuracy_against_fp32_merged(merged_graph):
     """With labels, accuracy decides: here the labels are FP32 merged's own predictions, so FP32
     scores 100%; INT8 stays within 0.5 points, the damaged graph does not, and cosine no longer
@@ -435,8 +459,7 @@ def test_labelled_rule_judges_accuracy_against_fp32_merged(merged_graph):
     from pipelines.jobs.accuracy import measure_accuracy
 
     _, fp32, _, folder = merged_graph
-    images = np.concatenate([feed["pixel_values"] for feed in _feeds(8, seed=5)])
-    labels = ort_session(fp32).run(None, {"pixel_values": images})[0].argmax(-1)
+    images, labels = _decided_images(ort_session(fp32), 32)
     data = LabelledData("FP32 merged's predictions", labels, lambda idx: {"pixel_values": images[idx]})
     damaged = _damaged(fp32, folder / "damaged-labelled.onnx")
     for graph, passes in (

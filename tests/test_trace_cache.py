@@ -155,6 +155,22 @@ def test_the_same_model_rebuilt_has_the_same_key_whatever_else_was_imported_sinc
     assert _key(_model()) == key
 
 
+def test_a_librarys_memo_on_a_class_is_no_change():
+    """transformers remembers on a model class whether it can switch attention implementation
+    (`_can_set_attn_implementation_cached_value`) the first time a model of it is asked: a
+    process where some test asked keys like one where none did (found: an attention test made
+    its xdist worker's keys differ from the tune tests' subprocesses)."""
+    model = _bert()
+    key = _key(model)
+    classes = [klass for klass in type(model).__mro__ if "_can_set_attn_implementation_cached_value" in vars(klass)]
+    for klass in classes:
+        delattr(klass, "_can_set_attn_implementation_cached_value")
+    assert _key(model) == key
+    type(model)._can_set_attn_implementation()  # what `set_attn_implementation` asks first
+    assert any("_can_set_attn_implementation_cached_value" in vars(klass) for klass in type(model).__mro__)
+    assert _key(model) == key
+
+
 def test_the_key_changes_with_weights_schedule_algorithm_lowering_and_arguments():
     key = _key(_model())
     changed = _model()

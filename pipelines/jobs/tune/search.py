@@ -10,6 +10,7 @@ from pathlib import Path
 from ops.errors import PitomeError
 from pipelines.jobs.export_job import ExportJob
 from pipelines.jobs.stages import ACCURACY_BATCH  # trials score in the batches the final export is scored in
+from pipelines.jobs.tune.claims import GraphClaims
 from pipelines.jobs.tune.job import (
     CALIBRATION_SAMPLES,
     FINALISTS,
@@ -17,6 +18,7 @@ from pipelines.jobs.tune.job import (
     TuneJob,
     open_splits,
     tune_settings,
+    weights_digest,
 )
 from pipelines.jobs.tune.space import Candidate, ScheduleLayout, SearchSpace, uniform_ratio
 from pipelines.jobs.tune.study import Objective, candidate_of, completed, enqueue_seeds, open_study, search, study_name
@@ -36,6 +38,7 @@ class TuneSetup:
     bench: TrialBench
     space: SearchSpace
     study: object  # optuna.Study
+    claims: GraphClaims
     origin: str
     reserve_seconds: float  # what the final export is expected to take
 
@@ -44,14 +47,35 @@ class TuneSetup:
 class Choice:
     """The candidate to export, how it was chosen, and the uniform schedules to score beside it."""
 
-    candidate: Candidate
-    trial: object | None  # the FrozenTrial it came from (None: the unmerged reference)
+    ranked: list[tuple[Candidate, object | None]]  # best first, with its FrozenTrial (None: the unmerged graph)
     within_budget: bool
     timing: dict  # finalist name -> latency stats of the final interleaved run
     finalists: dict[str, Candidate]
     baselines: dict[str, Candidate]  # "uniform pitome 0.95" -> its candidate
     baseline_graphs: dict[str, Path]
-    merging_pays: bool
+    rejected: list[dict] = dataclasses.field(default_factory=list)  # preferred candidates whose export failed a check
+
+    @property
+    def candidate(self) -> Candidate:
+        return self.ranked[0][0]
+
+    @property
+    def trial(self):
+        return self.ranked[0][1]
+
+    @property
+    def merging_pays(self) -> bool:
+        """Whether the candidate merges and beat the unmerged FP32 graph in the final timing."""
+        timing = self.timing
+        return self.candidate.merged and timing[self.candidate.key].median_ms < timing[REFERENCE].median_ms
+
+    def fall_back(self, reason: str) -> Choice | None:
+        """The choice of the next candidate in order, this one rejected for `reason`; None when none is left."""
+        if len(self.ranked) == 1:
+            return None
+        trial = self.trial.number if self.trial is not None else None
+        rejected = [*self.rejected, {"label": self.candidate.key, "trial": trial, "reason": reason}]
+        return dataclasses.replace(self, ranked=self.ranked[1:], rejected=rejected)
 
     def export_job(self, job: TuneJob, splits: Splits) -> ExportJob:
         """The export job for the chosen candidate: the test split scores it and the baselines."""
@@ -96,8 +120,8 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
     layout, num_prefix = schedule_layout(model, spec, seq_len)
     prop_attn = (False, True) if spec.kind == "vision" else (False,)
     space = SearchSpace(layout, tuple(job.algos), prop_attn, tuple(job.precisions))
-    settings = tune_settings(job, spec, splits, space)
-    study, created = open_study(job.storage_url(), study_name(settings), settings, job.seed)
+    settings = tune_settings(job, spec, splits, space, weights_digest(model))
+    study, created, claims = open_study(job.storage_url(), study_name(settings), settings, job.seed)
     seeds = space.seeds(SEED_RATIOS["shallow" if layout.knots == len(layout.merge_layers) else "deep"])
     enqueue_seeds(study, seeds, created)
     scratch = Path(tempfile.mkdtemp(prefix="pitome-tune-"))
@@ -111,7 +135,7 @@ def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:
         bench.calibration_source = (
             f"{min(CALIBRATION_SAMPLES, len(splits.tuning))} samples of {splits.tuning.description}"
         )
-    return _measure_reference(TuneSetup(spec, splits, bench, space, study, origin, 0.0), console)
+    return _measure_reference(TuneSetup(spec, splits, bench, space, study, claims, origin, 0.0), console)
 
 
 def _measure_reference(setup: TuneSetup, console) -> TuneSetup:
@@ -139,13 +163,17 @@ def run_search(setup: TuneSetup, job: TuneJob, began: float, console) -> None:
 
     budget = job.time_budget * 60 if job.time_budget is not None else float("inf")
     deadline = began + budget - (0 if job.search_only else setup.reserve_seconds)
-    objective = Objective(setup.space, setup.bench, job.max_drop, job.objective)
+    objective = Objective(setup.space, setup.bench, job.max_drop, job.objective, setup.claims)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("search", total=job.trials, completed=len(completed(setup.study)))
 
-        def on_trial(_trial) -> None:
+        def on_trial(trial) -> None:
+            if trial is not None and "error" in trial.user_attrs:
+                console.print(
+                    f"[yellow]trial {trial.number} failed, the search goes on: {trial.user_attrs['error']}[/]"
+                )
             progress.update(task, completed=len(completed(setup.study)),
                             description=progress_line(setup.study, deadline))  # fmt: skip
 
@@ -195,9 +223,10 @@ def _most_accurate(study):
 
 
 def select(setup: TuneSetup, job: TuneJob, console) -> Choice:
-    """Re-time the finalists and the reference together; the fastest within the budget wins
-    (the largest FLOP saving with `--objective flops`). No trial within the budget: the most
-    accurate one is timed and written."""
+    """Re-time the finalists and the reference together and rank them: the fastest within the
+    budget first (the largest FLOP saving with `--objective flops`), the others after it in the
+    same order, in case its export fails a check. No trial within the budget: the most accurate
+    one is timed and written."""
     bench = setup.bench
     finalists, baselines, trials = _finalists(setup)
     within_budget = bool(finalists)
@@ -211,10 +240,11 @@ def select(setup: TuneSetup, job: TuneJob, console) -> Choice:
     timing = time_against(bench, graphs, runs=runs)
     baseline_graphs = {name: graphs[name] for name in baselines}
     if not within_budget or job.objective == "flops":
-        key = max(finalists, key=lambda k: (trials[k].user_attrs["flop_speedup"], -timing[k].median_ms))
+        order = sorted(
+            finalists, key=lambda k: (trials[k].user_attrs["flop_speedup"], -timing[k].median_ms), reverse=True
+        )
     else:  # the unmerged FP32 graph competes too: it keeps any budget
-        key = min([*finalists, REFERENCE], key=lambda k: timing[k].median_ms)
+        order = sorted([*finalists, REFERENCE], key=lambda k: timing[k].median_ms)
     reference = Candidate("pitome", False, (0,) * bench.layout.depth)
-    candidate, trial = (reference, None) if key == REFERENCE else (finalists[key], trials[key])
-    pays = candidate.merged and timing[key].median_ms < timing[REFERENCE].median_ms
-    return Choice(candidate, trial, within_budget, timing, finalists, baselines, baseline_graphs, pays)
+    ranked = [(reference, None) if key == REFERENCE else (finalists[key], trials[key]) for key in order]
+    return Choice(ranked, within_budget, timing, finalists, baselines, baseline_graphs)
