@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import ALGOS, FULL, RESULTS, SKIPPED, merged_variants, without_merge
+from benchmarks.latency import ALGOS, FULL, RESULTS, SKIPPED, merged_variants
+from ops.reduction import without_reduction
 from pipelines.jobs.options import positive_int
 
 MODES = ("eager", "graph")
@@ -95,7 +96,7 @@ def model_variants(model, case, algos: tuple[str, ...], impls: tuple[str, ...], 
             )
             variants[f"{name} fused" if fused else name] = (module, ideal, name)
         if merge_share:
-            variants[f"{name} {SKIPPED}"] = (without_merge(merged), ideal, name)
+            variants[f"{name} {SKIPPED}"] = (without_reduction(merged), ideal, name)
     return variants
 
 

@@ -15,7 +15,6 @@ Weights are random (hubs are unreachable here): latency does not depend on them.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import shlex
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ops.reduction import without_reduction
 from pipelines.jobs.options import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,7 +121,7 @@ def export_variants(case: Case, scratch: Path, log) -> Variants:
             variants.eager[variant.name] = merged
             skipped = f"{variant.name} {SKIPPED}"
             path = scratch / "skipped.onnx"
-            variants.graphs[skipped] = export_module(without_merge(merged), variant, path, seq_len=case.seq_len)
+            variants.graphs[skipped] = export_module(without_reduction(merged), variant, path, seq_len=case.seq_len)
             variants.flops[skipped] = ideal
     return variants
 
@@ -200,32 +200,6 @@ def merged_variants(model: torch.nn.Module, case: Case, algos: tuple[str, ...]):
 
 
 SKIPPED = "(merge skipped)"
-
-
-class KeepFirst(torch.nn.Module):
-    """A merge step's stand-in that keeps the first N - r tokens: the merged schedule's shapes
-    without the merge's work, so that the merged graph's latency minus this graph's is what the
-    merge costs end to end. Its one Slice per layer stays in, so the cost is slightly understated."""
-
-    def __init__(self, merge: torch.nn.Module) -> None:
-        super().__init__()
-        self.step = merge.step
-
-    def forward(self, x, size, metric, valid=None):
-        keep = x.shape[1] - self.step.r
-        return x[:, :keep], size[:, :keep]
-
-
-def without_merge(merged: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a patched model whose every merge step keeps the first N - r tokens instead."""
-    from ops.merge import TokenMerge
-
-    skipped = copy.deepcopy(merged)
-    for name, module in list(skipped.named_modules()):
-        if isinstance(module, TokenMerge):
-            parent, _, child = name.rpartition(".")
-            setattr(skipped.get_submodule(parent), child, KeepFirst(module))
-    return skipped
 
 
 def merge_cost(merged, skipped, profile: dict) -> dict:

@@ -33,8 +33,9 @@ import onnx
 
 from exporter.decisions import owner_output_name
 from exporter.merge_precision import reduced_merge_nodes
+from exporter.near_ties import within
 from exporter.onnx_export import export_settings
-from exporter.parity import Tolerances, cosines, top1_agrees, within
+from exporter.parity import Tolerances, cosines, top1_agrees
 from exporter.runners import ort_session
 
 DECISIONS_MEANING = (
@@ -324,7 +325,9 @@ def check_reduced_precision(
     report = AgreementReport(
         precision=precision, rule=rule, **_output_figures(fp32_graph, reduced_graph, feeds, providers, threads)
     )
-    report.merge_findings = reduced_merge_nodes(onnx.load(str(reduced_graph), load_external_data=False))
+    report.merge_findings = reduced_merge_nodes(
+        onnx.load(str(reduced_graph), load_external_data=False), onnx.load(str(fp32_graph), load_external_data=False)
+    )
     if debug_export is not None and convert is not None:
         with tempfile.TemporaryDirectory(prefix="pitome-agreement-") as tmp:
             fp32_debug = debug_export(Path(tmp) / "decisions_fp32.onnx")

@@ -25,7 +25,8 @@ import torch
 from exporter.runners import placed_on
 from exporter.signatures import ExportWrapper, ModelSignature, as_outputs
 from ops.decision_tape import DecisionTape, paused, recording
-from ops.merge import MergeAssign, MergePlan, plan_from_slots, plan_slots
+from ops.merge import MergePlan, PlanAssign, plan_from_slots, plan_slots
+from ops.reduction import Reduction
 
 _CHOICE_NAME = re.compile(r"^(order|match)_(\d+)_(\d+)$")
 
@@ -66,12 +67,13 @@ def decision_hooks(
             wanted = forced[len(capture.slots)].to(slots.device)
             # Same decisions keep the layer's own plan, so that the sums run in the same order.
             if not torch.equal(wanted, slots):
-                plan, slots = plan_from_slots(wanted, plan.n_out), wanted
+                dropped = 0 if plan.dropped is None else plan.dropped.shape[1]
+                plan, slots = plan_from_slots(wanted, plan.n_out, dropped), wanted
         capture.slots.append(slots)
         capture.owners.append(plan.kept)
         return plan
 
-    merges = [m for m in model.modules() if isinstance(m, MergeAssign)]
+    merges = [m for m in model.modules() if isinstance(m, PlanAssign)]
     handles = [m.register_forward_pre_hook(begin) for m in merges] + [m.register_forward_hook(hook) for m in merges]
     try:
         yield capture
@@ -97,8 +99,12 @@ class DecisionWrapper(torch.nn.Module):
 
 
 def decision_output_names(model: torch.nn.Module) -> list[str]:
-    """`slots_<layer>` for each layer that merges, in order."""
-    return [f"slots_{i}" for i, r in enumerate(model.token_schedule.merges) if r > 0]
+    """`slots_<layer>` for each layer that reduces by decisions (a `PlanAssign`; DCT's fixed
+    linear map has none), in order."""
+    layers = [m for m in model.modules() if isinstance(m, Reduction)]
+    return [
+        f"slots_{i}" for i, m in enumerate(layers) if m.r > 0 and isinstance(getattr(m, "assign", None), PlanAssign)
+    ]
 
 
 def owner_output_name(slots_name: str) -> str:

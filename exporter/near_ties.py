@@ -69,6 +69,11 @@ def rounding_flips(kind: str, scores: np.ndarray, choice: np.ndarray) -> tuple[i
     return int((differ & (picked != wanted)).sum()), int((differ & (picked == wanted)).sum())
 
 
+def within(diff: np.ndarray, ref: np.ndarray, tol) -> bool:
+    """Polygraphy's elementwise rule: |diff| <= atol or |diff| <= rtol * |ref|."""
+    return bool(np.all((diff <= tol.atol) | (diff <= tol.rtol * np.abs(ref))))
+
+
 def _fail_closed(values: np.ndarray) -> np.ndarray:
     """NaN becomes +inf: a figure that cannot be computed never passes a bound."""
     return np.where(np.isnan(values), np.inf, values)
@@ -177,7 +182,6 @@ def explain_with_decisions(
     excused with CPU decisions.
     """
     from exporter.decisions import decision_output_names, graph_choices, run_eager, unnamed_outputs
-    from exporter.parity import within
     from exporter.runners import ort_session, placed_on
 
     debug, shipped = (ort_session(path, providers, threads) for path in (debug_onnx, shipped_onnx))

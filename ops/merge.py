@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ops.decision_tape import taped
+from ops.reduction import Reduction
 
 LOWERINGS = ("matmul", "scatter")
 MERGE_IMPLS = ("decomposed", "fused")  # TokenMerge's modules, or the one `pitome::token_merge` operator
@@ -54,45 +55,56 @@ class MergePlan(NamedTuple):
     Output slot s starts from token `kept[b, s]` (`[B, n_out]`); token `merged[b, k]` (`[B, r]`)
     is added into slot `first_receiver + into[b, k]`. Slots before `first_receiver` (a layout
     fact, the same for every input) never receive a merged token, so `into` counts receivers
-    only. Every token is kept or merged, once. Shapes are fixed by r, so the graph is static;
-    the values are data.
+    only. Tokens in `dropped [B, d]` (pruning baselines) leave without a slot. Every token is
+    kept, merged or dropped, once. Shapes are fixed by the counts, so the graph is static; the
+    values are data.
     """
 
     kept: torch.Tensor
     merged: torch.Tensor
     into: torch.Tensor
     first_receiver: int = 0
+    dropped: torch.Tensor | None = None
 
     @property
     def n_out(self) -> int:
         return self.kept.shape[1]
 
 
+DROPPED = -1  # the slot `plan_slots` gives a dropped token
+
+
 def plan_slots(plan: MergePlan) -> torch.Tensor:
-    """The plan as an assignment `dst [B, N]`: the output slot of every token."""
+    """The plan as an assignment `dst [B, N]`: the output slot of every token (`DROPPED` for a
+    dropped one)."""
     batch, n_out = plan.kept.shape
     slots = torch.arange(n_out, device=plan.kept.device).expand(batch, -1)
-    dst = torch.zeros(batch, n_out + plan.merged.shape[1], dtype=torch.int64, device=plan.kept.device)
+    n_dropped = 0 if plan.dropped is None else plan.dropped.shape[1]
+    dst = torch.full((batch, n_out + plan.merged.shape[1] + n_dropped), DROPPED, dtype=torch.int64,
+                     device=plan.kept.device)  # fmt: skip
     return dst.scatter(1, plan.kept, slots).scatter(1, plan.merged, plan.first_receiver + plan.into)
 
 
-def plan_from_slots(dst: torch.Tensor, n_out: int) -> MergePlan:
-    """The plan of an assignment `dst [B, N]` whose slots `0..n_out-1` are all used.
+def plan_from_slots(dst: torch.Tensor, n_out: int, n_dropped: int = 0) -> MergePlan:
+    """The plan of an assignment `dst [B, N]` whose slots `0..n_out-1` are all used and whose
+    `n_dropped` other tokens are `DROPPED`.
 
     Each slot keeps its lowest-index token; the others are merged, in slot order. Sort keys are
     distinct, so any sort gives this order. Used to force decisions taken elsewhere.
     """
     tokens = dst.shape[1]
     positions = torch.arange(tokens, device=dst.device)
-    by_slot = torch.sort(dst * tokens + positions, dim=-1).indices
+    by_slot = torch.sort(dst * tokens + positions, dim=-1).indices  # dropped tokens (slot -1) first
+    dropped, by_slot = by_slot[:, :n_dropped], by_slot[:, n_dropped:]
     slot_sorted = dst.gather(1, by_slot)
     starts = torch.cat(
         [torch.ones_like(slot_sorted[:, :1], dtype=torch.bool), slot_sorted[:, 1:] != slot_sorted[:, :-1]], 1
     )
     # Group starts first (by slot), then the other tokens (by position): again distinct keys.
-    members = by_slot.gather(1, torch.sort(torch.where(starts, slot_sorted, n_out + positions), dim=-1).indices)
+    rank = torch.arange(by_slot.shape[1], device=dst.device)
+    members = by_slot.gather(1, torch.sort(torch.where(starts, slot_sorted, n_out + rank), dim=-1).indices)
     kept, merged = members[:, :n_out], members[:, n_out:]
-    return MergePlan(kept, merged, dst.gather(1, merged))
+    return MergePlan(kept, merged, dst.gather(1, merged), 0, dropped if n_dropped else None)
 
 
 def _unit_rows(metric: torch.Tensor) -> torch.Tensor:
@@ -280,7 +292,7 @@ def size_weighted_merge(
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
-    kept, merged, into, first = plan
+    kept, merged, into, first = plan.kept, plan.merged, plan.into, plan.first_receiver
     x_tail, x_merged = _gather_rows(x, kept[:, first:], merged)
     size_tail, size_merged = _gather_rows(size, kept[:, first:], merged)
     if lowering == "matmul":
@@ -303,6 +315,22 @@ def size_weighted_merge(
     (x_head,) = _gather_rows(x, kept[:, :first])
     (size_head,) = _gather_rows(size, kept[:, :first])
     return torch.cat([x_head, x_out], dim=1), torch.cat([size_head, size_out], dim=1)
+
+
+def joins(plan: MergePlan, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, receivers, r]` one-hot: merged token k joins receiving slot j (slots from
+    `first_receiver` on). Deterministic and plugin-free in export (a MatMul, no scatter)."""
+    receivers = torch.arange(plan.kept.shape[1] - plan.first_receiver, device=plan.kept.device)
+    return (receivers[None, :, None] == plan.into[:, None, :]).to(dtype)
+
+
+def slot_sums(values: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Per output slot, the sum of `values [B, N, K]` over the tokens it holds -> `[B, n_out, K]`
+    (dropped tokens count nowhere)."""
+    first = plan.first_receiver
+    kept, merged = _gather_rows(values, plan.kept, plan.merged)
+    tail = kept[:, first:] + joins(plan, values.dtype) @ merged
+    return torch.cat([kept[:, :first], tail], dim=1) if first else tail
 
 
 def merge_assignment(
@@ -332,7 +360,12 @@ def merge_assignment(
     return MergePlan(kept, plan.merged + num_prefix, plan.into, plan.first_receiver + num_prefix)
 
 
-class MergeAssign(torch.nn.Module):
+class PlanAssign(torch.nn.Module):
+    """A module whose forward returns a layer's `MergePlan`: the decisions that parity captures
+    and forces (`exporter.decisions`), whatever the algorithm."""
+
+
+class MergeAssign(PlanAssign):
     """The decision half of a merge: similarity, energy, ranking and matching -> a `MergePlan`."""
 
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
@@ -389,8 +422,8 @@ def _token_merge_shapes(x, size, metric, valid, kind, r, margin, num_prefix):
     return x.new_empty(x.shape[0], n_out, x.shape[2]), size.new_empty(size.shape[0], n_out, 1)
 
 
-class TokenMerge(torch.nn.Module):
-    """One layer's merge as modules, so that an exported graph names its parts by scope.
+class TokenMerge(Reduction):
+    """One layer's PiToMe or ToMe merge as modules, so that an exported graph names its parts by scope.
 
     `assign` holds every decision (similarity, energy, ranking, matching) and `combine` the
     size-weighted mean; export prefixes their nodes with `<module path>.assign/` and
@@ -400,18 +433,14 @@ class TokenMerge(torch.nn.Module):
     """
 
     def __init__(self, step: MergeStep, num_prefix: int) -> None:
-        super().__init__()
+        super().__init__(step.r, num_prefix)
         self.step = step
         self.fused = False
         self.assign = MergeAssign(step, num_prefix)
         self.combine = MergeCombine(step.lowering)
 
-    def forward(
-        self, x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, x, size, metric, valid=None, attention=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`x [B, N, C]`, `size [B, N, 1]` -> N - r tokens; prefix tokens stay first, untouched."""
-        if self.step.r == 0:
-            return x, size
         if self.fused:
             step = self.step
             return token_merge_op(x, size, metric, valid, step.kind, step.r, step.margin, self.assign.num_prefix)

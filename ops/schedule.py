@@ -7,12 +7,55 @@ shapes, what reports print, and what a user may pass instead of a ratio.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ops.errors import ScheduleError
 
-ALGOS = ("pitome", "tome")
+
+@dataclass(frozen=True)
+class CountRule:
+    """What a ratio means to one algorithm: `removed(T, P, ratio, layer)`, the tokens layer `layer`
+    removes when `T` non-prefix and `P` prefix tokens enter it (floor/ceil in Python float
+    arithmetic, exactly as the reference), and `most(T)`, the most it can remove."""
+
+    removed: Callable[[int, int, float, int], int]
+    most: Callable[[int], int]
+    most_text: str  # how `most` reads in an error
+    min_ratio: float = 0.0  # ratios below are refused (PiToMe merges at most half)
+
+
+def _of_non_prefix(t: int, p: int, ratio: float, layer: int) -> int:
+    return math.floor(t - t * ratio)  # PiToMe, ToMe, CrossGET: on the non-prefix tokens
+
+
+def _of_all_tokens(t: int, p: int, ratio: float, layer: int) -> int:
+    return math.floor((t + p) - (t + p) * ratio)  # ToFu, MCTF: the class token counted
+
+
+def _kept_of_non_prefix(t: int, p: int, ratio: float, layer: int) -> int:
+    return t - math.ceil(t * ratio)  # DCT keeps ceil(T ratio) frequencies
+
+
+def _diffrate(t: int, p: int, ratio: float, layer: int) -> int:
+    """DiffRate's kept count k starts at the patch count, class token inside it: the first layer
+    prunes one token more (197 -> 196 on DeiT) before it merges."""
+    k = t + p - 1 if layer == 0 else t + p
+    return math.floor(k - k * ratio) + (1 if layer == 0 else 0)
+
+
+HALF = (lambda t: t // 2, "at most half")
+ALL_BUT_ONE = (lambda t: t - 1, "at least one stays")
+COUNT_RULES = {
+    "pitome": CountRule(_of_non_prefix, *HALF, min_ratio=0.5),
+    "tome": CountRule(_of_non_prefix, *HALF),
+    "tofu": CountRule(_of_all_tokens, *HALF),
+    "mctf": CountRule(_of_all_tokens, *HALF),
+    "crossget": CountRule(_of_non_prefix, *ALL_BUT_ONE),
+    "dct": CountRule(_kept_of_non_prefix, *ALL_BUT_ONE),
+    "diffrate": CountRule(_diffrate, *ALL_BUT_ONE),
+}
+ALGOS = tuple(COUNT_RULES)
 
 
 @dataclass(frozen=True)
@@ -47,30 +90,37 @@ class TokenSchedule:
 
 
 def merges_from_ratio(
-    num_tokens: int, depth: int, ratio: float, merge_layers: Sequence[int] | None = None
-) -> list[int]:
-    """`r_l = floor(T_l - T_l * ratio)` in Python float arithmetic, exactly as the reference.
-
-    `ratio` is the fraction of non-prefix tokens kept at every merging layer; layers outside
-    `merge_layers` (default: all) keep everything.
-    """
+    num_tokens: int, depth: int, ratio: float, merge_layers: Sequence[int] | None = None, algo: str = "pitome",
+    num_prefix: int = 1,
+) -> list[int]:  # fmt: skip
+    """Per-layer removals when every merging layer keeps the fraction `ratio` (of the tokens
+    entering it, as `algo` counts them); layers outside `merge_layers` (default: all) keep all."""
     layers = range(depth) if merge_layers is None else merge_layers
-    return merges_from_layer_ratios(num_tokens, depth, dict.fromkeys(layers, ratio))
+    return merges_from_layer_ratios(num_tokens, depth, dict.fromkeys(layers, ratio), algo, num_prefix)
 
 
-def merges_from_layer_ratios(num_tokens: int, depth: int, ratios: dict[int, float]) -> list[int]:
-    """Merges when layer `l` keeps the fraction `ratios[l]` of the tokens entering it (the
-    reference's `floor(T_l - T_l * ratio)`); layers not in `ratios` keep everything."""
+def merges_from_layer_ratios(
+    num_tokens: int, depth: int, ratios: dict[int, float], algo: str = "pitome", num_prefix: int = 1
+) -> list[int]:
+    """Removals when layer `l` keeps the fraction `ratios[l]` of the tokens entering it (PiToMe's
+    `floor(T_l - T_l * ratio)`, or `algo`'s rule); layers not in `ratios` keep everything."""
     for ratio in ratios.values():
         if not 0.0 < ratio <= 1.0:
             raise ScheduleError(f"ratio must be in (0, 1], got {ratio}")
+    rule = count_rule(algo)
     merges, t = [], num_tokens
     for layer in range(depth):
         ratio = ratios.get(layer, 1.0)
-        r = math.floor(t - t * ratio) if ratio < 1.0 else 0
+        r = rule.removed(t, num_prefix, ratio, layer) if ratio < 1.0 else 0
         merges.append(r)
         t -= r
     return merges
+
+
+def count_rule(algo: str) -> CountRule:
+    if algo not in COUNT_RULES:
+        raise ScheduleError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    return COUNT_RULES[algo]
 
 
 def keep_curve(knots: Sequence[float], merge_layers: Sequence[int]) -> dict[int, float]:
@@ -104,14 +154,13 @@ def build_schedule(
     merge_layers: Sequence[int] | None = None,
 ) -> TokenSchedule:
     """Validate a ratio or an explicit list of merges and freeze it into a TokenSchedule."""
-    if algo not in ALGOS:
-        raise ScheduleError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    rule = count_rule(algo)
     if (ratio is None) == (merges is None):
         raise ScheduleError("give exactly one of ratio or schedule")
     if ratio is not None:
-        if algo == "pitome" and ratio < 0.5:
+        if 0.0 < ratio < rule.min_ratio:
             raise ScheduleError(f"PiToMe needs ratio >= 0.5 (it merges at most half the tokens), got {ratio}")
-        merges = merges_from_ratio(num_tokens, depth, ratio, merge_layers)
+        merges = merges_from_ratio(num_tokens, depth, ratio, merge_layers, algo, num_prefix)
     merges = _per_layer(list(merges), depth, merge_layers)
     tokens, t = [], num_tokens
     for layer, r in enumerate(merges):
@@ -119,8 +168,8 @@ def build_schedule(
             raise ScheduleError(f"schedule entry {layer} must be a non-negative int, got {r!r}")
         if merge_layers is not None and r and layer not in set(merge_layers):
             raise ScheduleError(f"layer {layer} does not merge in this model, but the schedule asks for {r}")
-        if 2 * r > t:
-            raise ScheduleError(f"layer {layer}: cannot merge {r} of {t} tokens (at most half, {t // 2})")
+        if r > rule.most(t):
+            raise ScheduleError(f"layer {layer}: cannot merge {r} of {t} tokens ({rule.most_text}, {rule.most(t)})")
         tokens.append(t)
         t -= r
     layers = None if merge_layers is None else tuple(sorted(set(merge_layers)))

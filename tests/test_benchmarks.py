@@ -42,15 +42,15 @@ def test_merge_skipped_model_keeps_the_schedule_without_the_merge(family, tmp_pa
     """The end-to-end merge cost compares against a graph of the same shapes with no merge work."""
     import onnx
 
-    from benchmarks.latency import KeepFirst, without_merge
     from exporter.onnx_export import export_onnx
     from ops.merge import TokenMerge
+    from ops.reduction import KeepFirst, without_reduction
 
     seq_len = 32 if family == "bert" else None
     # small DeiT at PiToMe 0.9 / small BERT at PiToMe 0.7, seq_len 32: exported once per session (conftest)
     shared = request.getfixturevalue("deit_pitome_export" if family == "deit" else "bert_pitome_export")
     merged = shared.model()
-    skipped = without_merge(merged)
+    skipped = without_reduction(merged)
     assert not any(isinstance(m, TokenMerge) for m in skipped.modules())
     assert any(isinstance(m, KeepFirst) for m in skipped.modules())
     assert any(isinstance(m, TokenMerge) for m in merged.modules())  # the original is untouched

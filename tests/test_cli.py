@@ -226,6 +226,27 @@ def test_sweep_writes_plot_and_table(tmp_path):
     assert "![accuracy vs throughput](tradeoff.png)" in (out / "report.md").read_text()
 
 
+def test_sweep_at_matched_flops_times_each_point_beside_its_reduction_free_twin(tmp_path):
+    """--match-flops puts each algorithm at its own ratio of equal block FLOPs (DCT counts kept
+    tokens and reduces after the MLP: 0.88, not 0.9); --reduction-share times twins alongside."""
+    out = tmp_path / "sweep"
+    result = cli("sweep", "test_vit", "--random-init", "--algos", "pitome,dct", "--match-flops", "pitome@0.9",
+                 "--reduction-share", "--runs", "3", "--batch", "2", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [(p["algo"], p["ratio"]) for p in points] == [("pitome", 0.9), ("dct", 0.88)]
+    assert abs(points[1]["block_flop_speedup"] / points[0]["block_flop_speedup"] - 1) <= 0.02
+    assert all(p["parity_passed"] and -1.0 < p["reduction_share"] < 1.0 for p in points)
+    assert "| reduction share |" in (out / "report.md").read_text()
+
+
+def test_sweep_refuses_a_cost_an_algorithm_cannot_match(tmp_path):
+    one_line_error(cli("sweep", "test_vit", "--random-init", "--algos", "pitome", "--match-flops", "dct@0.3",
+                       "-o", str(tmp_path / "out")), 2, "pitome cannot match dct@0.3's")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    one_line_error(cli("sweep", "test_vit", "--match-flops", "pitome"), 2, "expected ALGO@RATIO")
+
+
 def test_sweep_bad_ratio_list(tmp_path):
     one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be a number in (0, 1], got 2")
     one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")

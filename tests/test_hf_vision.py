@@ -46,17 +46,21 @@ def test_unpatch_restores_the_stock_model(kind):
 
 
 @pytest.mark.parametrize(("kind", "prefix"), [("vit", 1), ("clip", 1), ("dinov2_registers", 5)])
-@pytest.mark.parametrize("algo", ["pitome", "tome"])
+@pytest.mark.parametrize("algo", ["pitome", "tome", "tofu", "mctf", "crossget", "diffrate"])
 def test_class_and_register_tokens_never_merge(kind, prefix, algo):
-    """Prefix tokens keep their own slots, alone, in every merging layer; the rest shrinks by r."""
+    """Prefix tokens keep their own slots, alone, in every merging layer; the rest shrinks by r
+    (a pruned token leaves with no slot)."""
+    from ops.merge import DROPPED
+
     model = patch_model(small_hf_vision(kind), algo=algo, ratio=0.8)
     assert model.token_schedule.num_prefix == prefix
-    with torch.no_grad(), decision_hooks(model) as slots:
+    with torch.no_grad(), decision_hooks(model) as capture:
         model(PIXELS)
-    assert len(slots) == 4
-    for layer in slots:
+    assert len(capture.slots) == 4
+    for layer, r in zip(capture.slots, model.token_schedule.merges):
         torch.testing.assert_close(layer[:, :prefix], torch.arange(prefix).expand(2, -1))
-        assert (layer[:, prefix:] >= prefix).all()
+        assert ((layer[:, prefix:] >= prefix) | (layer[:, prefix:] == DROPPED)).all()
+        assert int(layer.max()) + 1 == layer.shape[1] - r
 
 
 def test_feature_outputs_carry_the_merged_token_count_and_sizes():

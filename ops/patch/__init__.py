@@ -11,13 +11,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ops.algos import algorithm, text_layers, vision_layers
 from ops.errors import UnsupportedModelError
 from ops.merge import LOWERINGS, MERGE_IMPLS, TokenMerge
-from ops.patch import hf_text, hf_vision, timm_vit, vision
+from ops.patch import hf_text, hf_vision, timm_vit
+from ops.reduction import Reduction
 from ops.schedule import TokenSchedule, build_schedule
 
 DEFAULT_TEXT_SEQ_LEN = 128
 VISION_FAMILIES = ("timm_vit", "hf_vision")
+FUSED_ALGOS = ("pitome", "tome")  # the fused merge kernels' algorithms
+
+
+def _step_name(reduction: Reduction, algo: str) -> str:
+    """What a layer runs, for `merge_config["steps"]`: PiToMe's variant, else the algorithm."""
+    if not reduction.r:
+        return "none"
+    return reduction.step.kind if isinstance(reduction, TokenMerge) else algo
 
 
 def _family(model: torch.nn.Module) -> str:
@@ -87,7 +97,7 @@ def patch_model(
     unpatch_model(model)
     family = _family(model)
     if prop_attn is None:
-        prop_attn = algo == "tome" and family in VISION_FAMILIES
+        prop_attn = algorithm(algo).prop_attn and family in VISION_FAMILIES
     merging = _Merging(algo, ratio, schedule, lowering)
     if family == "timm_vit":
         token_schedule, steps, config = _patch_timm(model, merging, prop_attn, flavor)
@@ -95,6 +105,8 @@ def patch_model(
         token_schedule, steps, config = _patch_hf_vision(model, merging, prop_attn, flavor, image_size)
     else:
         token_schedule, steps, config = _patch_text(model, merging, prop_attn, seq_len, padding_safe)
+    if merge_impl == "fused" and algo not in FUSED_ALGOS:
+        raise UnsupportedModelError(f"the fused merge implements {' and '.join(FUSED_ALGOS)}, not {algo}")
     for merge in model.modules():
         if isinstance(merge, TokenMerge):
             merge.fused = merge_impl == "fused"
@@ -106,7 +118,7 @@ def patch_model(
         "lowering": lowering,
         "merge_impl": merge_impl,
         "family": family,
-        "steps": [step.kind if step.r else "none" for step in steps],
+        "steps": [_step_name(reduction, algo) for reduction in steps],
         **config,
     }
     return model
@@ -136,7 +148,7 @@ def _patch_timm(model: torch.nn.Module, merging: _Merging, prop_attn: bool, flav
     num_tokens, num_prefix = timm_vit.token_layout(model)
     token_schedule = merging.schedule(num_tokens, len(model.blocks), num_prefix)
     flavor = flavor or timm_vit.infer_flavor(model)
-    steps = vision.layer_steps(token_schedule, merging.algo, flavor, merging.lowering)
+    steps = vision_layers(merging.algo, token_schedule, flavor, merging.lowering)
     timm_vit.patch(model, steps, prop_attn)
     return token_schedule, steps, {"flavor": flavor}
 
@@ -149,7 +161,7 @@ def _patch_hf_vision(
     num_tokens, num_prefix = hf_vision.token_layout(model, image_size)
     token_schedule = merging.schedule(num_tokens, hf_vision.depth(model), num_prefix)
     flavor = flavor or hf_vision.flavor_of(model)
-    steps = vision.layer_steps(token_schedule, merging.algo, flavor, merging.lowering)
+    steps = vision_layers(merging.algo, token_schedule, flavor, merging.lowering)
     hf_vision.patch(model, steps, prop_attn, image_size)
     return token_schedule, steps, {"flavor": flavor, "image_size": image_size}
 
@@ -162,7 +174,7 @@ def _patch_text(
     seq_len = seq_len or DEFAULT_TEXT_SEQ_LEN
     num_tokens, num_prefix = hf_text.token_layout(model, seq_len)
     token_schedule = merging.schedule(num_tokens, hf_text.depth(model), num_prefix, merge_layers=hf_text.MERGE_LAYERS)
-    steps = hf_text.layer_steps(token_schedule, merging.algo, merging.lowering)
+    steps = text_layers(merging.algo, token_schedule, merging.lowering)
     hf_text.patch(model, steps, padding_safe, seq_len)
     return token_schedule, steps, {"seq_len": seq_len, "padding_safe": padding_safe}
 

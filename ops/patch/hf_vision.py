@@ -20,9 +20,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from ops.errors import UnsupportedModelError
-from ops.merge import MergeStep, TokenMerge
 from ops.patch.surgery import add_attributes, swap_class
 from ops.patch.vision import merging_block, proportional_attention, size_weighted_mean
+from ops.reduction import Reduction
 
 # model_type -> why merging would compute it wrong (until each is supported).
 REFUSED_MODEL_TYPES = {
@@ -48,7 +48,7 @@ class VisionFamily:
     """Where a family keeps each piece of its encoder, as data: layer parts are attribute names."""
 
     name: str
-    flavor: str  # reference settings (`ops.patch.vision.layer_steps`)
+    flavor: str  # reference settings per layer (`ops.algos.pitome.vision_steps`)
     embed: Callable[[torch.nn.Module, torch.Tensor, bool], torch.Tensor]  # (base, pixels, interpolate) -> [B, N, C]
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]
     finish: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # -> (last, pooled)
@@ -118,21 +118,22 @@ class MergedVisionOutput(ModelOutput):
 
 
 def _attention_branch(
-    layer: torch.nn.Module, family: VisionFamily, prop_attn: bool, x: torch.Tensor, size: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    layer: torch.nn.Module, family: VisionFamily, prop_attn: bool, x: torch.Tensor, size: torch.Tensor, probs: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Norm, attention (and layer scale) of one layer on `x [B, N, C]`; also the keys averaged
-    over heads `[B, N, d]`, the metric that ranks tokens for merging."""
+    over heads `[B, N, d]`, the metric that ranks tokens for merging, and with `probs` the
+    attention probabilities `[B, H, N, N]`."""
     attn = getattr(layer, family.attention)
     b, n, _ = x.shape
     h = getattr(layer, family.norm1)(x)
     q, k, v = (
         proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
     )
-    out = proportional_attention(q, k, v, size if prop_attn else None, getattr(attn, family.scale))
+    out, weights = proportional_attention(q, k, v, size if prop_attn else None, getattr(attn, family.scale), probs)
     out = getattr(attn, family.out_proj)(out.transpose(1, 2).reshape(b, n, -1))
     if family.layer_scales:
         out = getattr(layer, family.layer_scales[0])(out)
-    return out, k.mean(dim=1)
+    return out, k.mean(dim=1), weights
 
 
 def _mlp_branch(layer: torch.nn.Module, family: VisionFamily, x: torch.Tensor) -> torch.Tensor:
@@ -250,14 +251,14 @@ def _pooling_head(model: torch.nn.Module) -> bool | None:
     return False if fam.name == "clip" else None
 
 
-def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool, image_size: int) -> None:
-    """Swap in the merging forward(s) and freeze each layer's step."""
+def patch(model: torch.nn.Module, reductions: list[Reduction], prop_attn: bool, image_size: int) -> None:
+    """Swap in the merging forward(s) and freeze each layer's reduction."""
     base = vision_base(model)
     num_tokens, num_prefix = token_layout(model, image_size)
     swap_class(base, MergingVisionEncoder)
     add_attributes(
         base, vision_family=family_of(base), prop_attn=prop_attn, scheduled_tokens=num_tokens + num_prefix,
-        frozen_image_size=image_size, token_merges=torch.nn.ModuleList(TokenMerge(s, num_prefix) for s in steps),
+        frozen_image_size=image_size, token_merges=torch.nn.ModuleList(reductions),
     )  # fmt: skip
     head_takes_cls = _pooling_head(model)
     if head_takes_cls is not None:

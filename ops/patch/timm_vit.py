@@ -13,41 +13,44 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ops.errors import UnsupportedModelError
-from ops.merge import MergeStep, TokenMerge
 from ops.patch.surgery import add_attributes, swap_class
 from ops.patch.vision import merging_block, proportional_attention, size_weighted_mean
+from ops.reduction import Reduction
 
 SUPPORTED_POOLS = ("token", "avg")
 
 
 class MergingAttention(Attention):
-    """timm Attention that can add log(size) to the logits and also returns head-averaged keys."""
+    """timm Attention that can add log(size) to the logits and also returns head-averaged keys
+    (and, with `probs`, the attention probabilities)."""
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, size: torch.Tensor | None = None, probs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = proportional_attention(q, k, v, size, self.scale)
+        out, weights = proportional_attention(q, k, v, size, self.scale, probs)
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             out = out * gate
-        return self.proj_drop(self.proj(out)), k.mean(dim=1)
+        return self.proj_drop(self.proj(out)), k.mean(dim=1), weights
 
 
 class MergingBlock(Block):
-    """timm Block that merges tokens between attention and MLP with its frozen `token_merge`."""
+    """timm Block that reduces tokens with its frozen `token_merge` (any `ops.reduction.Reduction`)."""
 
-    token_merge: TokenMerge
+    token_merge: Reduction
     prop_attn: bool
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return merging_block(x, size, self._attention_branch, self._mlp_branch, self.token_merge)
 
-    def _attention_branch(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attn_out, keys = self.attn(self.norm1(x), size if self.prop_attn else None)
-        return self.drop_path1(self.ls1(attn_out)), keys
+    def _attention_branch(self, x: torch.Tensor, size: torch.Tensor, probs: bool):
+        attn_out, keys, weights = self.attn(self.norm1(x), size if self.prop_attn else None, probs)
+        return self.drop_path1(self.ls1(attn_out)), keys, weights
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -99,11 +102,11 @@ def infer_flavor(model: torch.nn.Module) -> str:
     return "mae" if model.global_pool == "avg" else "deit"
 
 
-def patch(model: torch.nn.Module, steps: list[MergeStep], prop_attn: bool) -> None:
-    """Swap in the merging classes and freeze each block's step."""
+def patch(model: torch.nn.Module, reductions: list[Reduction], prop_attn: bool) -> None:
+    """Swap in the merging classes and freeze each block's reduction."""
     swap_class(model, MergingVisionTransformer)
     add_attributes(model, scheduled_tokens=model.patch_embed.num_patches + model.num_prefix_tokens)
-    for block, step in zip(model.blocks, steps):
+    for block, reduction in zip(model.blocks, reductions):
         swap_class(block, MergingBlock)
         swap_class(block.attn, MergingAttention)
-        add_attributes(block, token_merge=TokenMerge(step, model.num_prefix_tokens), prop_attn=prop_attn)
+        add_attributes(block, token_merge=reduction, prop_attn=prop_attn)

@@ -1,61 +1,38 @@
 """What every vision patch shares (timm ViT/DeiT and Hugging Face ViT, CLIP, DINOv2).
 
-All of them are pre-norm blocks, `x + attn(norm1(x))` then `x + mlp(norm2(x))`, and merge between
-the two with `TokenMerge`; they differ only in where each piece lives, which each family file says.
+All of them are pre-norm blocks, `x + attn(norm1(x))` then `x + mlp(norm2(x))`, and reduce tokens
+where their layer's `ops.reduction.Reduction` acts (between the two, or after the MLP); they differ
+only in where each piece lives, which each family file says.
 Shapes: `x [B, N, C]`, `size [B, N, 1]` (patches a token stands for), `q, k, v [B, H, N, d]`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ops.errors import UnsupportedModelError
-from ops.merge import MergeStep, TokenMerge
-from ops.schedule import TokenSchedule
-
-# Reference settings per kind of model: DeiT (supervised) runs the energy-ordered bipartite split
-# in the first half of the blocks and the energy-protected one after, MAE the opposite, CLIP-style
-# encoders the energy-protected split everywhere with a higher margin.
-FLAVORS = ("deit", "mae", "clip")
-
-
-def layer_steps(schedule: TokenSchedule, algo: str, flavor: str, lowering: str) -> list[MergeStep]:
-    """Per-layer merge steps as the reference runs them.
-
-    PiToMe margin `0.75 - 0.75 i/L` (DeiT, MAE) or `0.9 - 0.9 i/L` (CLIP). DeiT: energy-ordered
-    bipartite (bsm) in the first ceil(L/2) blocks, energy-protected after; MAE: the opposite;
-    CLIP: energy-protected in every block.
-    """
-    if flavor not in FLAVORS:
-        raise UnsupportedModelError(f"unknown vision flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
-    depth = schedule.depth
-    half = math.ceil(depth / 2)
-    top = 0.9 if flavor == "clip" else 0.75
-    steps = []
-    for i, r in enumerate(schedule.merges):
-        if algo == "tome":
-            steps.append(MergeStep("tome", r, 0.0, lowering))
-            continue
-        early = i < half
-        bsm = flavor != "clip" and (early if flavor == "deit" else not early)
-        steps.append(MergeStep("pitome_bsm" if bsm else "pitome", r, top - top * i / depth, lowering))
-    return steps
+from ops.reduction import Reduction
 
 
 def proportional_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """SDPA over `[B, H, N, d]`, with `log(size)` added to every key's logit when `size` is given.
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, scale: float, probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over `[B, H, N, d]`, with `log(size)` added to every key's logit when `size` is
+    given; returns the output and, with `probs`, the probabilities `[B, H, N, N]`.
 
     A token standing for s patches then weighs as s copies of one (ToMe's proportional
-    attention); as an additive mask it keeps PyTorch's fused attention kernels usable.
+    attention); as an additive mask it keeps PyTorch's fused attention kernels usable. A
+    reduction that reads the probabilities (MCTF, DiffRate) gets the same attention computed
+    without the fused kernel, which never materialises them.
     """
     bias = None if size is None else size.log()[:, None, None, :, 0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    if not probs:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
+    logits = (q @ k.transpose(-2, -1)) * scale
+    weights = (logits if bias is None else logits + bias).softmax(dim=-1)
+    return weights @ v, weights
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -64,18 +41,26 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return (x * size).sum(dim=1) / size.sum(dim=1)
 
 
+AttentionBranch = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
 def merging_block(
     x: torch.Tensor,
     size: torch.Tensor,
-    attention_branch: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    attention_branch: AttentionBranch,
     mlp_branch: Callable[[torch.Tensor], torch.Tensor],
-    token_merge: TokenMerge,
+    reduction: Reduction,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm block that merges between attention and MLP: `[B, N, C]` -> `[B, N - r, C]`.
+    """One pre-norm block that reduces tokens where its `reduction` acts: `[B, N, C]` -> `[B, N - r, C]`.
 
-    `attention_branch(x, size)` returns the residual branch (norm, attention, layer scale) and the
-    head-averaged keys `[B, N, d]` that rank the tokens; `mlp_branch` is the other residual branch.
+    `attention_branch(x, size, probs)` returns the residual branch (norm, attention, layer
+    scale), the head-averaged keys `[B, N, d]` that rank the tokens, and the attention
+    probabilities when `probs`; `mlp_branch` is the other residual branch. Most reductions act
+    between the two branches; DCT's after the MLP.
     """
-    attn_out, keys = attention_branch(x, size)
-    x, size = token_merge(x + attn_out, size, keys)
+    attn_out, keys, probs = attention_branch(x, size, reduction.needs_attention)
+    x = x + attn_out
+    if reduction.stage == "mlp":
+        return reduction(x + mlp_branch(x), size, keys, attention=probs)
+    x, size = reduction(x, size, keys, attention=probs)
     return x + mlp_branch(x), size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ops.algos import algorithm
+from ops.errors import UnsupportedModelError
 from ops.flops import schedule_flops
 from ops.schedule import build_schedule
 from pipelines.models.registry import REGISTRY, resolve
@@ -36,13 +38,16 @@ def print_schedule(
     from rich.table import Table
 
     depth, tokens, prefix, dim, mlp_ratio, is_text = _layout(name, seq_len)
+    if is_text and algorithm(algo).text is None:
+        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
     if ratio is None and merges is None:
         ratio = 0.9
     schedule = build_schedule(
         tokens, depth, algo=algo, ratio=ratio, merges=merges, num_prefix=prefix,
         merge_layers=TEXT_MERGE_LAYERS if is_text else None,
     )  # fmt: skip
-    merged, unmerged = schedule_flops(schedule, dim, mlp_ratio)
+    stage = algorithm(algo).stage
+    merged, unmerged = schedule_flops(schedule, dim, mlp_ratio, stage)
     title = f"{name}: {algo}, " + (f"ratio {ratio}" if merges is None else "explicit schedule")
     table = Table(title=title)
     for column in ("layer", "tokens in", "merged (r)", "tokens out", "GFLOPs merged", "GFLOPs unmerged"):
@@ -65,5 +70,6 @@ def print_schedule(
     console.print(f"schedule: {','.join(map(str, schedule.merges))}")
     console.print(
         f"block FLOPs per item: {sum(merged) / 1e9:.2f} vs {sum(unmerged) / 1e9:.2f} GFLOP unmerged: "
-        f"{sum(unmerged) / sum(merged):.2f}x fewer (merge sits between attention and MLP)"
+        f"{sum(unmerged) / sum(merged):.2f}x fewer ({algo} reduces "
+        + ("after the MLP)" if stage == "mlp" else "between attention and MLP)")
     )

@@ -9,6 +9,7 @@ import torch
 from exporter.runners import cpu_name
 from exporter.signatures import ModelSignature
 from exporter.variants import eager_call, time_graphs
+from ops.algos import algorithm
 from ops.flops import schedule_flops
 
 
@@ -26,7 +27,8 @@ def model_width(model: torch.nn.Module) -> tuple[int, float]:
 
 def flops_summary(model: torch.nn.Module) -> dict:
     dim, mlp_ratio = model_width(model)
-    merged, unmerged = schedule_flops(model.token_schedule, dim, mlp_ratio)
+    stage = algorithm(model.merge_config["algo"]).stage
+    merged, unmerged = schedule_flops(model.token_schedule, dim, mlp_ratio, stage)
     return {
         "block_gflops_merged": sum(merged) / 1e9,
         "block_gflops_unmerged": sum(unmerged) / 1e9,

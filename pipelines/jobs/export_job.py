@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from exporter.atomic import make_temp_dir
 from exporter.errors import ParityError
-from ops.errors import PitomeError
+from ops.errors import PitomeError, UnsupportedModelError
 from pipelines.jobs import interrupts, options
 from pipelines.jobs.options import EXPLORE_COMMANDS, RUN_COMMANDS, option, part
 
@@ -229,6 +229,14 @@ def check_merge_impl(lowering: str) -> None:
         raise MissingBackendError("--merge-impl fused runs the Triton merge kernels on a CUDA GPU; PyTorch sees none")
 
 
+def check_algo_fits(algo: str, spec: ModelSpec) -> None:
+    """Refuse, before anything loads, an algorithm the model's family has no variant of."""
+    from ops.algos import algorithm
+
+    if spec.kind == "text" and algorithm(algo).text is None:
+        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
+
+
 def check_precision_flags(job: ExportJob) -> None:
     """Reject flag combinations that cannot mean anything, before any work."""
     from exporter.runners import require_ort_provider
@@ -350,6 +358,7 @@ def run_job(job: ExportJob, console) -> Path:
     check_target(job.target)
     check_merge_impl(job.lowering)
     spec = resolve(job.model)
+    check_algo_fits(job.algo, spec)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; parity and latency are real.[/]")
     job = with_acceptance_data(job, spec, console)

@@ -3,6 +3,10 @@
 Every point is exported, checked for parity, and timed in ONE interleaved measurement with the
 unmerged baseline, so the throughput axis compares like with like. With `--data` the y axis is
 top-1 accuracy; without, it is top-1 agreement with the unmerged model on seeded inputs.
+`--match-flops ALGO@RATIO` puts every algorithm at the ratio whose block FLOPs match that point's
+(algorithms count a ratio differently, so equal ratios are not equal costs), and
+`--reduction-share` times each point beside a twin whose reductions only keep the first tokens
+(same shapes, no reduction work): the share of its latency that the reduction itself costs.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops.errors import PitomeError
 from pipelines.jobs import options
 from pipelines.jobs.export_job import ExportJob
 from pipelines.jobs.options import option
+
+MATCH_TOLERANCE = 0.02  # --match-flops: how far a matched point's block FLOPs may be from the target's
+TWIN = " (reduction skipped)"  # the name suffix of a point's twin in the timing run
 
 
 @dataclass
@@ -23,8 +31,19 @@ class SweepJob(ExportJob):
 
     ratios: list[float] = option("--ratios", factory=lambda: [0.975, 0.95, 0.925, 0.9], group="merging",
                                  type=options.ratio_list, commands=("sweep",), help="e.g. 0.95,0.9")  # fmt: skip
-    algos: list[str] = option("--algos", factory=lambda: list(options.ALGOS), group="merging",
-                              type=options.algo_list, commands=("sweep",), help="e.g. pitome,tome")  # fmt: skip
+    algos: list[str] = option("--algos", factory=lambda: list(options.DEFAULT_ALGOS), group="merging",
+                              type=options.algo_list, commands=("sweep",), help=f"of {','.join(options.ALGOS)} (default pitome,tome)")  # fmt: skip
+
+    match_flops: tuple[str, float] | None = option(
+        "--match-flops", group="merging", type=options.algo_at_ratio, metavar="ALGO@RATIO", commands=("sweep",),
+        help=f"instead of --ratios: each algorithm at the ratio whose block FLOPs match ALGO@RATIO's within "
+        f"{MATCH_TOLERANCE:.0%} (the paper's comparison at equal cost)",
+    )  # fmt: skip
+    reduction_share: bool = option(
+        "--reduction-share", default=False, group="benchmark", action="store_true", commands=("sweep",),
+        help="also time each point with its reductions replaced by keeping the first tokens: the share of its "
+        "latency the reduction costs",
+    )  # fmt: skip
 
     def default_out(self) -> Path:
         return Path("artifacts") / f"{self.model}-sweep"
@@ -90,32 +109,57 @@ def _sweep(job: SweepJob, spec, out: Path, console) -> dict:
     return result
 
 
+def grid(job: SweepJob, model, seq_len: int | None) -> list[tuple[str, float]]:
+    """(algo, ratio) of every point: `--algos` x `--ratios`, or each algorithm at the ratio that
+    matches `--match-flops`' block FLOPs (PitomeError, exit 2, when one cannot within
+    MATCH_TOLERANCE)."""
+    from exporter.variants import Variant, variant_model
+    from ops.algos import algorithm
+    from ops.flops import flop_speedup, matching_ratio
+    from pipelines.jobs.benchmark import model_width
+
+    if job.match_flops is None:
+        return [(algo, ratio) for algo in job.algos for ratio in job.ratios]
+    target_algo, target_ratio = job.match_flops
+    like = variant_model(model, Variant("target", target_algo, target_ratio), seq_len).token_schedule
+    dim, mlp_ratio = model_width(model)
+    target = flop_speedup(like, dim, mlp_ratio, algorithm(target_algo).stage)
+    points = []
+    for algo in job.algos:
+        ratio, speedup = matching_ratio(algo, target, like, dim, mlp_ratio)
+        if abs(speedup / target - 1.0) > MATCH_TOLERANCE:
+            raise PitomeError(f"{algo} cannot match {target_algo}@{target_ratio:g}'s {target:.2f}x fewer block FLOPs "
+                              f"within {MATCH_TOLERANCE:.0%} (closest: {speedup:.2f}x at ratio {ratio:g})")  # fmt: skip
+        points.append((algo, ratio))
+    return points
+
+
 def _export_points(job: SweepJob, model, signature, seq_len, device, scratch: Path, progress) -> list[dict]:
-    """Export and check parity of every algo x ratio point; each keeps its graph's `path`."""
+    """Export and check parity of every point; each keeps its graph's `path` (and its twin's,
+    `twin_path`, with `--reduction-share`)."""
     from exporter.parity import TOLERANCES, parity_feeds, verify_export
-    from exporter.variants import Variant, export_variant
+    from exporter.variants import Variant, export_module, export_variant
+    from ops.reduction import without_reduction
     from pipelines.jobs.benchmark import flops_summary
 
-    grid = [(algo, ratio) for algo in job.algos for ratio in job.ratios]
     points = []
-    task = progress.add_task("export + parity per point", total=len(grid))
-    for algo, ratio in grid:
+    pairs = grid(job, model, seq_len)
+    task = progress.add_task("export + parity per point", total=len(pairs))
+    for algo, ratio in pairs:
         variant = Variant(f"{algo}@{ratio}", algo, ratio, prop_attn=job.prop_attn, lowering=job.lowering)
         path, merged = export_variant(model, variant, scratch, seq_len=seq_len, opset=job.opset)
         feeds = parity_feeds(signature, (2,), 1, job.seed)
         parity = verify_export(merged, signature, path, feeds, TOLERANCES["fp32"], device, job.threads, scratch)
-        points.append(
-            {
-                "algo": algo,
-                "ratio": ratio,
-                "schedule": list(merged.token_schedule.merges),
-                "prop_attn": merged.merge_config["prop_attn"],
-                "parity_passed": parity.passed,
-                "parity": parity.verdict(),
-                "path": path,
-                **flops_summary(merged),
-            }
-        )
+        point = {
+            "algo": algo, "ratio": ratio, "schedule": list(merged.token_schedule.merges),
+            "prop_attn": merged.merge_config["prop_attn"], "parity_passed": parity.passed, "parity": parity.verdict(),
+            "path": path, **flops_summary(merged),
+        }  # fmt: skip
+        if job.reduction_share:
+            twin = path.with_name(f"{path.stem}.twin.onnx")
+            point["twin_path"] = export_module(without_reduction(merged), variant, twin, seq_len=seq_len,
+                                               opset=job.opset)  # fmt: skip
+        points.append(point)
         progress.advance(task)
     return points
 
@@ -132,12 +176,15 @@ def _time_points(job: SweepJob, signature, baseline: Path, points: list[dict], p
     feeds = signature.example_inputs(job.bench_batch, seed=job.seed)
     numpy_feeds = {name: feeds[name].numpy() for name in signature.input_names}
     graphs = {"unmerged": baseline, **{_point_name(p): p["path"] for p in points}}
+    graphs.update({_point_name(p) + TWIN: p.pop("twin_path") for p in points if "twin_path" in p})
     task = progress.add_task(f"latency: {len(graphs)} graphs interleaved x {job.bench_runs}", total=1)
     stats = time_graphs(graphs, numpy_feeds, job.bench_batch, job.bench_runs, job.threads)
     progress.update(task, completed=1)
     for point in points:
         point["latency"] = stats[_point_name(point)].to_dict()
         point["speedup"] = stats["unmerged"].median_ms / point["latency"]["median_ms"]
+        twin = stats.get(_point_name(point) + TWIN)
+        point["reduction_share"] = None if twin is None else 1.0 - twin.median_ms / point["latency"]["median_ms"]
     return stats["unmerged"].to_dict()
 
 
@@ -215,21 +262,22 @@ def sweep_markdown(result: dict) -> str:
         f"({result['data']})",
         "- all graphs timed in one interleaved run (ONNX Runtime CPU, spinning off)",
         "",
-        "| algo | ratio | block-FLOP speed-up | measured speed-up | median ms | items/s | top-1 | agreement | parity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| algo | ratio | block-FLOP speed-up | measured speed-up | median ms | items/s | top-1 | agreement "
+        "| reduction share | parity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base = result["unmerged"]
     top1 = f"{base['top1']:.2%}" if base["top1"] is not None else "-"
     lines.append(
         f"| unmerged | 1 | 1.00x | 1.00x | {base['latency']['median_ms']:.1f} | {base['latency']['throughput']:.1f} | "
-        f"{top1} | 100% | - |"
+        f"{top1} | 100% | - | - |"
     )
     for p in result["points"]:
         top1 = f"{p['top1']:.2%}" if p["top1"] is not None else "-"
         lines.append(
             f"| {p['algo']} | {p['ratio']} | {p['block_flop_speedup']:.2f}x | {p['speedup']:.2f}x | "
             f"{p['latency']['median_ms']:.1f} | {p['latency']['throughput']:.1f} | {top1} | {p['agreement']:.2%} | "
-            f"{'PASSED' if p['parity_passed'] else 'FAILED'} |"
+            f"{_share(p)} | {'PASSED' if p['parity_passed'] else 'FAILED'} |"
         )
     lines += ["", "![accuracy vs throughput](tradeoff.png)", ""]
     return "\n".join(lines)
@@ -239,12 +287,18 @@ def _print_table(result: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"sweep: {result['y_axis']}")
-    for column in ("algo", "ratio", "FLOP x", "measured x", "items/s", "top-1", "agree", "parity"):
+    for column in ("algo", "ratio", "FLOP x", "measured x", "items/s", "top-1", "agree", "reduction", "parity"):
         table.add_column(column, justify="right")
     for p in result["points"]:
         top1 = f"{p['top1']:.2%}" if p["top1"] is not None else "-"
         table.add_row(
             p["algo"], f"{p['ratio']}", f"{p['block_flop_speedup']:.2f}", f"{p['speedup']:.2f}",
-            f"{p['latency']['throughput']:.1f}", top1, f"{p['agreement']:.2%}", "ok" if p["parity_passed"] else "FAIL",
+            f"{p['latency']['throughput']:.1f}", top1, f"{p['agreement']:.2%}", _share(p),
+            "ok" if p["parity_passed"] else "FAIL",
         )  # fmt: skip
     console.print(table)
+
+
+def _share(point: dict) -> str:
+    """The point's reduction share of latency, or "-" when its twin was not timed."""
+    return "-" if point.get("reduction_share") is None else f"{point['reduction_share']:.0%}"
