@@ -3,6 +3,7 @@
 pitome-export MODEL [--ratio R | --schedule 19,17,...] [--algo pitome|tome] [--target onnx|trt]
 pitome-export sweep MODEL [--ratios 0.95,0.9] [--algos pitome,tome]
 pitome-export tune MODEL --max-drop 0.5 [--precision fp32,int8] [--time-budget MIN]
+pitome-export finetune MODEL (--ratio R | --schedule S | --from-tune DIR) --data D [--epochs N]
 pitome-export schedule MODEL --ratio R
 pitome-export inspect model.onnx
 pitome-export env
@@ -16,10 +17,10 @@ import signal
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
-SUBCOMMANDS = ("export", "sweep", "tune", "schedule", "inspect", "env")
+SUBCOMMANDS = ("export", "sweep", "tune", "finetune", "schedule", "inspect", "env")
 
-EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure, 4 missing backend (TensorRT, CUDA),
-130 interrupted. Run `pitome-export MODEL ...` (same as `pitome-export export MODEL ...`)."""
+EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure (finetune: also a loss that is not finite),
+4 missing backend (TensorRT, CUDA), 130 interrupted. Run `pitome-export MODEL ...` (same as `pitome-export export MODEL ...`)."""
 
 
 def _version() -> str:
@@ -34,6 +35,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `pitome-export` parser; the export, sweep and schedule flags come from the jobs' declarations."""
     from pipelines.jobs.export_job import ExportJob
+    from pipelines.jobs.finetune.job import FinetuneJob
     from pipelines.jobs.options import add_options
     from pipelines.jobs.sweep import SweepJob
     from pipelines.jobs.tune.job import TuneJob
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pitome-export", description="Export token-merged (PiToMe/ToMe) transformers to ONNX.", epilog=EPILOG
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{export,sweep,tune,schedule,inspect,env}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     export = sub.add_parser("export", help="export, validate and benchmark a merged model", epilog=EPILOG)
     add_options(export, ExportJob, "export")
@@ -50,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(sweep, SweepJob, "sweep")
     tune = sub.add_parser("tune", help="the fastest export within an accuracy budget (Optuna search)", epilog=EPILOG)
     add_options(tune, TuneJob, "tune")
+    finetune = sub.add_parser(
+        "finetune", help="distil the merged model from the unmerged one on training data, then export it",
+        description="Fine-tune the merged model (the student, patched with its frozen schedule) against the "
+        "unmerged original (the teacher) on the training split of --data, then export and check it like "
+        "`pitome-export export`. Re-running the same command resumes an interrupted run; under "
+        "`accelerate launch` or `torchrun` it trains data-parallel.", epilog=EPILOG,
+    )  # fmt: skip
+    add_options(finetune, FinetuneJob, "finetune")
     schedule = sub.add_parser("schedule", help="print the per-layer token schedule and block FLOPs")
     add_options(schedule, ExportJob, "schedule")
 
@@ -126,6 +136,11 @@ def _dispatch(args: argparse.Namespace, console) -> int:
         from pipelines.jobs.tune.job import TuneJob, run_tune
 
         run_tune(TuneJob(**job_fields(args, TuneJob, "tune")), console)
+    elif args.command == "finetune":
+        from pipelines.jobs.finetune.job import FinetuneJob, run_finetune
+        from pipelines.jobs.options import job_fields
+
+        run_finetune(FinetuneJob(**job_fields(args, FinetuneJob, "finetune")), console)
     elif args.command == "inspect":
         from pipelines.cli.inspect_graph import print_inspection
 

@@ -20,6 +20,7 @@ GROUPS = {
     "model": "model",
     "search": "budget and search",
     "merging": "merging",
+    "training": "fine-tuning",
     "export": "export",
     "validation": "validation",
     "precision": "precision",
@@ -29,6 +30,8 @@ GROUPS = {
 }
 RUN_COMMANDS = ("export", "sweep", "tune")  # the commands that run a job (the default of `Option.commands`)
 EXPLORE_COMMANDS = ("export", "sweep")  # the commands whose merge settings the user chooses (tune searches them)
+# Commands that also take every flag of others: finetune exports its result, so it takes export's flags
+COMMAND_INCLUDES = {"finetune": ("export",)}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ def declared(job_cls: type, command: str | None = None) -> list[tuple[dataclasse
     """(field, option) of every declared option of `job_cls`, in field order; only those of
     `command` when given."""
     pairs = [(f, f.metadata["option"]) for f in dataclasses.fields(job_cls) if "option" in f.metadata]
-    return [(f, opt) for f, opt in pairs if command is None or command in opt.commands]
+    if command is None:
+        return pairs
+    accepted = {command, *COMMAND_INCLUDES.get(command, ())}
+    return [(f, opt) for f, opt in pairs if accepted.intersection(opt.commands)]
 
 
 def default_of(field: dataclasses.Field) -> Any:
@@ -204,6 +210,16 @@ def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "expected a positive integer")
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, lambda v: 0.0 < v < float("inf"), "expected a positive number")
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (a loss weight)."""
+    return _number(text, float, lambda v: 0.0 <= v < float("inf"), "expected a number >= 0")
+
+
 def minutes(text: str) -> float:
     """argparse type: a positive, finite number of minutes."""
     return _number(text, float, lambda v: 0.0 < v < float("inf"), "expected a positive number of minutes")
@@ -220,12 +236,19 @@ def schedule(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def name_list(text: str) -> list[str]:
+    """argparse type: comma-separated names or patterns, "classifier,patch_embed" ("none": empty)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return [] if names == ["none"] else names
+
+
 def ratio_list(text: str) -> list[float]:
     """argparse type: comma-separated ratios, "0.95,0.9"."""
     return [ratio(part) for part in text.split(",")]
 
 
-ALGOS = ("pitome", "tome")
+ALGOS = ("pitome", "tome", "tofu", "dct", "mctf", "crossget", "diffrate")  # ops.algos.NAMES
+DEFAULT_ALGOS = ("pitome", "tome")  # what sweep and tune compare unless told
 
 
 def _choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
@@ -235,6 +258,14 @@ def _choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
         if value not in choices:
             raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
     return values
+
+
+def algo_at_ratio(text: str) -> tuple[str, float]:
+    """argparse type: an algorithm at a ratio, "pitome@0.9"."""
+    algo, at, value = text.partition("@")
+    if not at:
+        raise argparse.ArgumentTypeError(f"expected ALGO@RATIO (e.g. pitome@0.9), got {text!r}")
+    return _choice_list(algo, ALGOS, "algo")[0], ratio(value)
 
 
 def algo_list(text: str) -> list[str]:

@@ -87,8 +87,11 @@ class JobContext:
 
 
 def load(ctx: JobContext) -> None:
+    """Load the model; a context built with its model (finetune's trained one, unpatched) keeps it."""
     from pipelines.models.registry import load_model
 
+    if ctx.model is not None:
+        return
     with ctx.step(f"load {ctx.spec.name}"):
         ctx.model, ctx.origin = load_model(ctx.spec, ctx.job.checkpoint, ctx.job.random_init)
 
@@ -129,8 +132,11 @@ def patch(ctx: JobContext) -> None:
     ctx.console.print(report.schedule_line(ctx.model.token_schedule))
 
 
-def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature, source=None, limit=None):
-    """The data for the accuracy stage (`job.data`), or `source` (calibration), checked before any export work."""
+def open_data(
+    job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signature, source=None, limit=None, split="test"
+):
+    """The data for the accuracy stage (`job.data`), or `source` (calibration), checked before any
+    export work; `split`: which split an IDX folder is read for (finetune reads "train")."""
     from pipelines.data.labelled import open_text_data, open_vision_data
     from pipelines.models.registry import tokenizer_source
 
@@ -139,13 +145,13 @@ def open_data(job: ExportJob, spec: ModelSpec, model, seq_len: int | None, signa
     if spec.kind == "vision":
         from timm.data import resolve_data_config
 
-        return open_vision_data(source, resolve_data_config({}, model=model), limit, job.seed)
+        return open_vision_data(source, resolve_data_config({}, model=model), limit, job.seed, split)
     if spec.kind == "hf_vision":
         from pipelines.models.image_processor import job_processor, timm_data_config
 
         size = signature.input_shapes["pixel_values"][-1]
         processor = job_processor(model, spec, job.checkpoint, job.random_init)
-        return open_vision_data(source, timm_data_config(processor, size), limit, job.seed)
+        return open_vision_data(source, timm_data_config(processor, size), limit, job.seed, split)
     tokenizer = tokenizer_source(model, spec, job.checkpoint)
     return open_text_data(source, tokenizer, seq_len, signature.input_names, limit, job.seed, labelled=labelled)
 

