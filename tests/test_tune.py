@@ -32,6 +32,35 @@ def test_equal_knots_give_the_uniform_schedule(ratio, tokens, depth, layers):
     assert layout.merges([ratio] * layout.knots) == tuple(merges_from_ratio(tokens, depth, ratio, layers))
 
 
+@pytest.mark.parametrize("algo", ["tofu", "dct", "mctf", "crossget", "diffrate"])
+@pytest.mark.parametrize(("tokens", "depth", "layers"), [(49, 12, tuple(range(12))), (63, 6, (0, 1, 2))])
+def test_a_baselines_equal_knots_are_its_own_ratio(algo, tokens, depth, layers):
+    """Each algorithm counts a ratio its own way (ToFu and MCTF with the class token, DCT kept
+    tokens): a uniform trial labelled "tofu 0.9" is `--algo tofu --ratio 0.9`, not PiToMe's counts."""
+    from ops.schedule import build_schedule
+
+    layout = ScheduleLayout(tokens, depth, layers)
+    for ratio in (0.95, 0.9, 0.7):
+        want = build_schedule(tokens, depth, algo=algo, ratio=ratio, merge_layers=layers).merges
+        assert layout.merges([ratio] * layout.knots, algo) == want
+
+
+def test_a_trials_block_flops_count_where_its_algorithm_reduces():
+    """DCT reduces after the MLP: the same schedule saves less than a merge before it."""
+    from types import SimpleNamespace
+
+    from ops.flops import flop_speedup as schedule_speedup
+    from ops.schedule import build_schedule
+    from pipelines.jobs.tune.trials import flop_speedup
+
+    layout = ScheduleLayout(49, 12, tuple(range(12)))
+    bench = SimpleNamespace(layout=layout, num_prefix=1, width=(96, 4.0))
+    merges = layout.merges([0.9] * 3, "dct")
+    schedule = build_schedule(49, 12, algo="dct", merges=list(merges))
+    dct, tofu = (flop_speedup(bench, Candidate(algo, False, merges)) for algo in ("dct", "tofu"))
+    assert dct == schedule_speedup(schedule, 96, 4.0, "mlp") < tofu == schedule_speedup(schedule, 96, 4.0)
+
+
 def test_keep_curve_is_linear_between_knots():
     assert keep_curve([1.0, 0.5], [0, 1, 2]) == {0: 1.0, 1: 0.75, 2: 0.5}
     assert keep_curve([1.0, 0.8, 0.6], range(5)) == pytest.approx({0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6})

@@ -100,7 +100,7 @@ def schedule_layout(model, spec: ModelSpec, seq_len: int | None) -> tuple[Schedu
     text_seq_len = seq_len if spec.kind == "text" else None
     schedule = variant_model(model, Variant("layout", "pitome", ratio=1.0), text_seq_len).token_schedule
     layers = schedule.merge_layers if schedule.merge_layers is not None else tuple(range(schedule.depth))
-    return ScheduleLayout(schedule.tokens[0], schedule.depth, layers), schedule.num_prefix
+    return ScheduleLayout(schedule.tokens[0], schedule.depth, layers, schedule.num_prefix), schedule.num_prefix
 
 
 def prepare(job: TuneJob, spec: ModelSpec, console) -> TuneSetup:

@@ -24,20 +24,23 @@ INT8_MODES = ("dynamic", "static")
 
 @dataclass(frozen=True)
 class ScheduleLayout:
-    """What a schedule is drawn over: non-prefix tokens entering layer 0, depth, merging layers."""
+    """What a schedule is drawn over: non-prefix tokens entering layer 0, depth, merging layers,
+    prefix tokens (some algorithms count them: `ops.schedule.COUNT_RULES`)."""
 
     num_tokens: int
     depth: int
     merge_layers: tuple[int, ...]
+    num_prefix: int = 1
 
     @property
     def knots(self) -> int:
         return len(self.merge_layers) if len(self.merge_layers) <= FREE_LAYERS else KNOTS
 
-    def merges(self, keep: Sequence[float]) -> tuple[int, ...]:
-        """Tokens merged per layer along the kept-token curve through `keep`."""
+    def merges(self, keep: Sequence[float], algo: str = "pitome") -> tuple[int, ...]:
+        """Tokens `algo` removes per layer along the kept-token curve through `keep`, counted by its
+        own rule, so that equal knots are `--algo ALGO --ratio R` exactly."""
         curve = keep_curve(keep, self.merge_layers)
-        return tuple(merges_from_layer_ratios(self.num_tokens, self.depth, curve))
+        return tuple(merges_from_layer_ratios(self.num_tokens, self.depth, curve, algo, self.num_prefix))
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,15 @@ class SearchSpace:
         ]
         precision = trial.suggest_categorical("precision", list(self.precisions))
         mode = trial.suggest_categorical("int8_mode", list(INT8_MODES)) if precision == "int8" else None
-        return Candidate(algo, prop_attn, self.layout.merges(keep), precision, mode)
+        return Candidate(algo, prop_attn, self.layout.merges(keep, algo), precision, mode)
 
     def uniform_params(self, algo: str, ratio: float, precision: str, int8_mode: str | None = None) -> dict:
         """Optuna parameters of the uniform schedule `ratio` (every knot equal), with the
-        algorithm's default proportional attention (on for ToMe where the model has it)."""
-        prop_attn = algo == "tome" and True in self.prop_attn
+        algorithm's default proportional attention (on for ToMe, MCTF and DiffRate where the model
+        has it)."""
+        from ops.algos import algorithm
+
+        prop_attn = algorithm(algo).prop_attn and True in self.prop_attn
         params = {"algo": algo, "prop_attn": prop_attn, "precision": precision}
         params.update({f"keep{i}": ratio for i in range(self.layout.knots)})
         if precision == "int8":
