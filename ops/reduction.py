@@ -52,6 +52,16 @@ class Reduction(torch.nn.Module):
         raise NotImplementedError
 
 
+def text_family_refusal(reduction: type[Reduction], family: str, label: str) -> str | None:
+    """Why `reduction` cannot run on the text family `family` (shown as `label`), or None."""
+    if family in reduction.text_families:
+        return None
+    return (
+        f"{reduction.__name__.lower()} has no {label} variant "
+        f"(it runs on {', '.join(reduction.text_families)} only: the reference's {label} patch does not run)"
+    )
+
+
 class KeepFirst(Reduction):
     """A reduction's stand-in that keeps the first N - r tokens where the reduction acted: the
     reduced schedule's shapes without the reduction's work (attention probabilities included, for

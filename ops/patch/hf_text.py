@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 from ops.errors import UnsupportedModelError
 from ops.merge import TokenMerge
 from ops.patch.surgery import add_attributes, swap_class
-from ops.reduction import Reduction
+from ops.reduction import Reduction, text_family_refusal
 
 MERGE_LAYERS = (0, 1, 2)  # the reference merges in the first three layers only
 
@@ -85,6 +85,9 @@ DISTILBERT = TextFamily(
     attention_output=lambda layer, context, h: layer.sa_layer_norm(layer.attention.out_lin(context) + h),
     unmasks_after_first_layer=False,
 )  # fmt: skip
+
+
+FAMILIES = {family.name: family for family in (BERT, DISTILBERT)}
 
 
 def family_of(base: torch.nn.Module) -> TextFamily:
@@ -262,11 +265,9 @@ def patch(model: torch.nn.Module, reductions: list[Reduction], padding_safe: boo
     base = base_model(model)
     fam = family_of(base)
     for reduction in reductions:
-        if fam.name not in reduction.text_families:
-            raise UnsupportedModelError(
-                f"{type(reduction).__name__.lower()} has no {fam.label} variant "
-                f"(it runs on {', '.join(reduction.text_families)} only: the reference's {fam.label} patch does not run)"
-            )
+        refusal = text_family_refusal(type(reduction), fam.name, fam.label)
+        if refusal is not None:
+            raise UnsupportedModelError(refusal)
     swap_class(base, MergingTextEncoder)
     add_attributes(
         base, token_merges=torch.nn.ModuleList(reductions), padding_safe=padding_safe,

@@ -17,6 +17,10 @@ import signal
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_PARITY, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+INTERRUPTED = {  # what an interrupted command leaves, by command
+    None: "nothing partial was left behind",
+    "finetune": "no output folder was written; the training checkpoint is kept: run the same command to resume",
+}
 SUBCOMMANDS = ("export", "sweep", "tune", "finetune", "schedule", "inspect", "env")
 
 EPILOG = """exit codes: 0 ok, 2 usage or input error, 3 parity failure (finetune: also a loss that is not finite),
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         # ignoring further interrupts: a second one during interpreter shutdown (library threads
         # being joined) would otherwise end the process by signal instead of with code 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("pitome-export: interrupted; nothing partial was left behind", file=sys.stderr, flush=True)
+        print(f"pitome-export: interrupted; {INTERRUPTED.get(args.command, INTERRUPTED[None])}", file=sys.stderr,
+              flush=True)  # fmt: skip
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the CLI edge: one line per known error, else re-raise

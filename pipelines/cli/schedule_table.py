@@ -11,12 +11,14 @@ from pipelines.models.registry import REGISTRY, resolve
 TEXT_MERGE_LAYERS = (0, 1, 2)
 
 
-def _layout(name: str, seq_len: int | None) -> tuple[int, int, int, int, float, bool]:
-    """(depth, non-prefix tokens, prefix tokens, width, mlp ratio, is_text) without loading weights."""
+def _layout(name: str, seq_len: int | None) -> tuple[int, int, int, int, float, str | None]:
+    """(depth, non-prefix tokens, prefix tokens, width, mlp ratio, text family or None) without
+    loading weights."""
     spec = resolve(name)
     if spec.name in REGISTRY:
         tokens = (seq_len - 1) if (spec.kind == "text" and seq_len) else spec.num_tokens
-        return spec.depth, tokens, spec.num_prefix, spec.dim, spec.mlp_ratio, spec.kind == "text"
+        family = spec.text_family if spec.kind == "text" else None
+        return spec.depth, tokens, spec.num_prefix, spec.dim, spec.mlp_ratio, family
     from pipelines.models.registry import load_model
 
     model, _ = load_model(spec, random_init=True)
@@ -26,10 +28,23 @@ def _layout(name: str, seq_len: int | None) -> tuple[int, int, int, int, float, 
         cfg = model.config
         dim = getattr(cfg, "hidden_size", None) or cfg.dim
         hidden = getattr(cfg, "intermediate_size", None) or cfg.hidden_dim
-        return hf_text.depth(model), (seq_len or spec.seq_len) - 1, 1, dim, hidden / dim, True
+        family = hf_text.family_of(hf_text.base_model(model)).name
+        return hf_text.depth(model), (seq_len or spec.seq_len) - 1, 1, dim, hidden / dim, family
     width = model.embed_dim
     return len(model.blocks), model.patch_embed.num_patches, model.num_prefix_tokens, width, \
-        model.blocks[0].mlp.fc1.out_features / width, False  # fmt: skip
+        model.blocks[0].mlp.fc1.out_features / width, None  # fmt: skip
+
+
+def check_text_algo(algo: str, family: str) -> None:
+    """Refuse, in one line, an algorithm with no variant for this text family (exit 2)."""
+    from ops.patch.hf_text import FAMILIES
+    from ops.reduction import text_family_refusal
+
+    if algorithm(algo).text is None:
+        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
+    refusal = text_family_refusal(algorithm(algo).reduction, family, FAMILIES[family].label)
+    if refusal is not None:
+        raise UnsupportedModelError(refusal)
 
 
 def print_schedule(
@@ -37,9 +52,10 @@ def print_schedule(
 ) -> None:
     from rich.table import Table
 
-    depth, tokens, prefix, dim, mlp_ratio, is_text = _layout(name, seq_len)
-    if is_text and algorithm(algo).text is None:
-        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
+    depth, tokens, prefix, dim, mlp_ratio, family = _layout(name, seq_len)
+    is_text = family is not None
+    if is_text:
+        check_text_algo(algo, family)
     if ratio is None and merges is None:
         ratio = 0.9
     schedule = build_schedule(

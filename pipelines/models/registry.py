@@ -38,6 +38,7 @@ class ModelSpec:
     mlp_ratio: float = 4.0
     builder: str | None = None  # "module:function(checkpoint, random_init)" for models this project ships
     data: str | None = None  # the labelled data the model was trained for (`--data` accepts the name)
+    text_family: str = "bert"  # text models: "bert" or "distilbert" (`ops.patch.hf_text`), for `schedule`
 
 
 REGISTRY = {
@@ -63,7 +64,8 @@ REGISTRY = {
         ),
         ModelSpec("bert_base", "bert-base-uncased", "text", seq_len=128, depth=12, num_tokens=127, dim=768),
         ModelSpec(
-            "distilbert_base", "distilbert-base-uncased", "text", seq_len=128, depth=6, num_tokens=127, dim=768
+            "distilbert_base", "distilbert-base-uncased", "text", seq_len=128, depth=6, num_tokens=127, dim=768,
+            text_family="distilbert",
         ),
         ModelSpec(
             "vit_fmnist", "pitome-export vit_fmnist (trained here)", "vision",
