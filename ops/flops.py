@@ -38,18 +38,20 @@ def flop_speedup(schedule: TokenSchedule, dim: int, mlp_ratio: float, stage: str
 
 
 def matching_ratio(
-    algo: str, target: float, like: TokenSchedule, dim: int, mlp_ratio: float, step: float = 0.001
+    algo: str, target: float, like: TokenSchedule, dim: int, mlp_ratio: float, near: float = 1.0, step: float = 0.001
 ) -> tuple[float, float]:
     """(ratio, its block-FLOP speed-up): the ratio, on a grid of `step`, at which `algo` on a model
     laid out as `like` (tokens, depth, prefix, merging layers) promises the speed-up closest to
-    `target` (the largest such ratio: equal promises are equal schedules). Algorithms count a ratio differently (`ops.schedule.COUNT_RULES`) and DCT reduces
-    after the MLP, so equal ratios are not equal costs: the paper compares at equal FLOPs."""
+    `target`; of the ratios that promise it (equal promises are equal schedules), the one nearest
+    `near` (the target's own ratio: the target's algorithm gets it back). Algorithms count a ratio
+    differently (`ops.schedule.COUNT_RULES`) and DCT reduces after the MLP, so equal ratios are
+    not equal costs: the paper compares at equal FLOPs."""
     from ops.algos import algorithm
     from ops.errors import ScheduleError
     from ops.schedule import build_schedule
 
-    stage, best = algorithm(algo).stage, (1.0, 1.0)
-    for k in range(round(1.0 / step) - 1, 0, -1):
+    stage, best, best_rank = algorithm(algo).stage, (1.0, 1.0), None
+    for k in range(1, round(1.0 / step)):
         ratio = round(k * step, 6)
         try:
             schedule = build_schedule(like.tokens[0], like.depth, algo=algo, ratio=ratio, num_prefix=like.num_prefix,
@@ -57,6 +59,7 @@ def matching_ratio(
         except ScheduleError:  # below the algorithm's smallest ratio, or more than a layer can take
             continue
         speedup = flop_speedup(schedule, dim, mlp_ratio, stage)
-        if abs(speedup - target) < abs(best[1] - target):
-            best = (ratio, speedup)
+        rank = (abs(speedup - target), abs(ratio - near))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = (ratio, speedup), rank
     return best

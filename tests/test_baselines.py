@@ -291,3 +291,26 @@ def test_cli_exports_a_baseline_end_to_end(tmp_path):
     assert json.loads((out / "parity.json").read_text())["passed"]
     assert json.loads((out / "schedule.json").read_text())["algo"] == "crossget"
     assert json.loads((out / "bench.json").read_text())["block_flop_speedup"] > 1.0
+
+
+def test_matched_flops_give_each_algorithm_its_own_ratio_of_equal_cost():
+    """The paper compares at equal FLOPs: each algorithm's ratio whose block FLOPs match PiToMe's
+    within 2% (vit_fmnist at 0.9, minilm_sentiment's layout at 0.7), the target's own ratio given
+    back to the algorithms that count like PiToMe."""
+    from ops.flops import flop_speedup, matching_ratio
+
+    for tokens, depth, layers, ratio, dim in ((49, 12, None, 0.9, 96), (63, 6, (0, 1, 2), 0.7, 384)):
+        like = build_schedule(tokens, depth, algo="pitome", ratio=ratio, merge_layers=layers)
+        target = flop_speedup(like, dim, 4.0)
+        for algo in ("pitome", "tome", "crossget"):
+            assert matching_ratio(algo, target, like, dim, 4.0, near=ratio) == (ratio, target)
+        for algo in BASELINES:
+            if layers is not None and algo == "diffrate":
+                continue
+            matched, speedup = matching_ratio(algo, target, like, dim, 4.0, near=ratio)
+            assert abs(speedup / target - 1) <= 0.02, algo
+            stage = "mlp" if algo == "dct" else "attention"
+            again = build_schedule(tokens, depth, algo=algo, ratio=matched, merge_layers=layers)
+            assert flop_speedup(again, dim, 4.0, stage) == speedup
+    dct = build_schedule(63, 6, algo="pitome", ratio=0.7, merge_layers=(0, 1, 2))
+    assert matching_ratio("dct", flop_speedup(dct, 384, 4.0), dct, 384, 4.0, near=0.7)[0] == 0.65

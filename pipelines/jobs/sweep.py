@@ -126,7 +126,7 @@ def grid(job: SweepJob, model, seq_len: int | None) -> list[tuple[str, float]]:
     target = flop_speedup(like, dim, mlp_ratio, algorithm(target_algo).stage)
     points = []
     for algo in job.algos:
-        ratio, speedup = matching_ratio(algo, target, like, dim, mlp_ratio)
+        ratio, speedup = matching_ratio(algo, target, like, dim, mlp_ratio, near=target_ratio)
         if abs(speedup / target - 1.0) > MATCH_TOLERANCE:
             raise PitomeError(f"{algo} cannot match {target_algo}@{target_ratio:g}'s {target:.2f}x fewer block FLOPs "
                               f"within {MATCH_TOLERANCE:.0%} (closest: {speedup:.2f}x at ratio {ratio:g})")  # fmt: skip
