@@ -269,6 +269,8 @@ def test_baselines_refuse_the_scatter_lowering_and_the_fused_merge():
         (["minilm_sentiment", "--algo", "diffrate"], "diffrate has no text variant"),
         (["schedule", "minilm_sentiment", "--algo", "diffrate"], "diffrate has no text variant"),
         (["schedule", "distilbert_base", "--algo", "mctf"], "mctf has no DistilBERT variant"),
+        (["distilbert_base", "--random-init", "--algo", "mctf"], "mctf has no DistilBERT variant"),
+        (["tune", "minilm_sentiment", "--algos", "pitome,diffrate"], "diffrate has no text variant"),
         (["test_vit", "--random-init", "--algo", "tofu", "--ratio", "0"], "ratio must be a number in"),
         (["test_vit", "--random-init", "--algo", "tofu", "--schedule", "99"], "schedule has 1 entries"),
     ],

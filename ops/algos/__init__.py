@@ -81,6 +81,20 @@ def text_layers(name: str, schedule: TokenSchedule, lowering: str) -> list[Reduc
     return algo.text(schedule, lowering)
 
 
+def check_text_family(name: str, family: str | None) -> None:
+    """Refuse, in one line, an algorithm with no text variant, or none for the text family
+    `family` ("bert", "distilbert"; None: not known yet, the patch checks it)."""
+    from ops.patch.hf_text import FAMILIES  # ops.patch imports this package: imported when called
+    from ops.reduction import text_family_refusal
+
+    algo = algorithm(name)
+    if algo.text is None:
+        raise UnsupportedModelError(f"{name} {algo.no_text}")
+    refusal = None if family is None else text_family_refusal(algo.reduction, family, FAMILIES[family].label)
+    if refusal is not None:
+        raise UnsupportedModelError(refusal)
+
+
 def _checked(name: str, lowering: str) -> Algorithm:
     algo = algorithm(name)
     if lowering not in algo.lowerings:
@@ -90,4 +104,4 @@ def _checked(name: str, lowering: str) -> Algorithm:
     return algo
 
 
-__all__ = ["ALGORITHMS", "NAMES", "Algorithm", "algorithm", "text_layers", "vision_layers"]
+__all__ = ["ALGORITHMS", "NAMES", "Algorithm", "algorithm", "check_text_family", "text_layers", "vision_layers"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ops.algos import algorithm
-from ops.errors import UnsupportedModelError
+from ops.algos import algorithm, check_text_family
 from ops.flops import schedule_flops
 from ops.schedule import build_schedule
 from pipelines.models.registry import REGISTRY, resolve
@@ -35,27 +34,15 @@ def _layout(name: str, seq_len: int | None) -> tuple[int, int, int, int, float, 
         model.blocks[0].mlp.fc1.out_features / width, None  # fmt: skip
 
 
-def check_text_algo(algo: str, family: str) -> None:
-    """Refuse, in one line, an algorithm with no variant for this text family (exit 2)."""
-    from ops.patch.hf_text import FAMILIES
-    from ops.reduction import text_family_refusal
-
-    if algorithm(algo).text is None:
-        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
-    refusal = text_family_refusal(algorithm(algo).reduction, family, FAMILIES[family].label)
-    if refusal is not None:
-        raise UnsupportedModelError(refusal)
-
-
 def print_schedule(
     name: str, algo: str, ratio: float | None, merges: list[int] | None, seq_len: int | None, console
 ) -> None:
     from rich.table import Table
 
     depth, tokens, prefix, dim, mlp_ratio, family = _layout(name, seq_len)
-    is_text = family is not None
+    is_text = resolve(name).kind == "text"
     if is_text:
-        check_text_algo(algo, family)
+        check_text_family(algo, family)
     if ratio is None and merges is None:
         ratio = 0.9
     schedule = build_schedule(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from exporter.atomic import make_temp_dir
 from exporter.errors import ParityError
-from ops.errors import PitomeError, UnsupportedModelError
+from ops.errors import PitomeError
 from pipelines.jobs import interrupts, options
 from pipelines.jobs.options import EXPLORE_COMMANDS, RUN_COMMANDS, option, part
 
@@ -231,10 +231,10 @@ def check_merge_impl(lowering: str) -> None:
 
 def check_algo_fits(algo: str, spec: ModelSpec) -> None:
     """Refuse, before anything loads, an algorithm the model's family has no variant of."""
-    from ops.algos import algorithm
+    from ops.algos import check_text_family
 
-    if spec.kind == "text" and algorithm(algo).text is None:
-        raise UnsupportedModelError(f"{algo} {algorithm(algo).no_text}")
+    if spec.kind == "text":
+        check_text_family(algo, spec.text_family)
 
 
 def check_precision_flags(job: ExportJob) -> None:

@@ -38,7 +38,7 @@ class ModelSpec:
     mlp_ratio: float = 4.0
     builder: str | None = None  # "module:function(checkpoint, random_init)" for models this project ships
     data: str | None = None  # the labelled data the model was trained for (`--data` accepts the name)
-    text_family: str = "bert"  # text models: "bert" or "distilbert" (`ops.patch.hf_text`), for `schedule`
+    text_family: str | None = None  # "bert" or "distilbert" (`ops.patch.hf_text`) where known before loading
 
 
 REGISTRY = {
@@ -62,7 +62,9 @@ REGISTRY = {
         ModelSpec(  # the 224 crop of its image processor (the config's 518 is the pre-training size)
             "dinov2_small", "facebook/dinov2-small", "hf_vision", depth=12, num_tokens=256, dim=384
         ),
-        ModelSpec("bert_base", "bert-base-uncased", "text", seq_len=128, depth=12, num_tokens=127, dim=768),
+        ModelSpec(
+            "bert_base", "bert-base-uncased", "text", seq_len=128, depth=12, num_tokens=127, dim=768, text_family="bert"
+        ),
         ModelSpec(
             "distilbert_base", "distilbert-base-uncased", "text", seq_len=128, depth=6, num_tokens=127, dim=768,
             text_family="distilbert",
@@ -74,7 +76,7 @@ REGISTRY = {
         ModelSpec(
             "minilm_sentiment", "sentence-transformers/all-MiniLM-L6-v2 + head trained here", "text",
             seq_len=64, depth=6, num_tokens=63, dim=384, builder="pipelines.models.sentence_classifier:build",
-            data="rotten-tomatoes",
+            data="rotten-tomatoes", text_family="bert",
         ),
     )
 }  # fmt: skip

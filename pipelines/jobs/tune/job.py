@@ -226,6 +226,10 @@ def run_tune(job: TuneJob, console) -> Path | None:
     spec = resolve(job.model)
     if spec.kind not in ("vision", "text"):
         raise PitomeError(f"tune searches timm vision and Hugging Face text classifiers; {spec.name} is {spec.kind}")
+    from pipelines.jobs.export_job import check_algo_fits
+
+    for algo in job.algos:
+        check_algo_fits(algo, spec)
     if job.random_init:
         console.print("[yellow]RANDOM-INIT WEIGHTS: accuracy is meaningless; the search still runs as it would.[/]")
     if not job.search_only:
