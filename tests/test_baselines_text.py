@@ -216,17 +216,3 @@ def test_schedule_cli_takes_each_text_baseline(algo):
     expected = {"tofu": "19,13,9,0,0,0", "mctf": "19,13,9,0,0,0", "crossget": "18,13,9,0,0,0", "dct": "18,13,9,0,0,0"}
     assert f"schedule: {expected[algo]}" in result.stdout
     assert f"{algo} reduces" in " ".join(result.stdout.split())
-
-
-def test_tofu_padding_content_never_changes_logits():
-    """Padding-safe ToFu decides by constants wherever padding is involved and never attends
-    to it, as PiToMe and ToMe (tests/test_patch.py); the other baselines read padding's keys
-    or blend it in, as their references do."""
-    model = patch_model(small_text("bert"), algo="tofu", ratio=0.7, seq_len=32)
-    ids, mask = text_batch()
-    other = ids.clone()
-    other[-1, 20:] = torch.randint(5, 3000, (12,), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        a = model(input_ids=ids, attention_mask=mask).logits
-        b = model(input_ids=other, attention_mask=mask).logits
-    assert torch.equal(a, b)

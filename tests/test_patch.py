@@ -95,7 +95,7 @@ def test_distillation_token_is_not_merged():
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
-@pytest.mark.parametrize("algo", ["pitome", "tome"])
+@pytest.mark.parametrize("algo", ["pitome", "tome", "tofu"])  # padding-safe ToFu prunes padding first
 def test_padding_content_never_changes_logits(kind, algo):
     model = patch_model(small_text(kind), algo=algo, ratio=0.7, seq_len=32)
     ids, mask = text_batch()
