@@ -203,21 +203,30 @@ def test_the_key_follows_what_a_test_changes_and_comes_back_when_it_is_undone(na
 
 def test_the_keys_are_the_same_in_another_process():
     """pytest-xdist workers and the tune tests' subprocesses share the cache: a key that differed
-    between processes (string hashing is seeded per process) would trace everything again. The
-    other process imports the project after this file's recorder (this one, before it), and
-    both make every change of CHANGES."""
+    between processes (string hashing is seeded per process) would trace everything again. Two
+    fresh processes with other hash seeds, one importing the project after the recorder and one
+    before it, make every change of CHANGES and must agree key for key. (Fresh processes: this
+    worker's state is whatever the tests before this one left, which can only cost a re-trace.)"""
     from tests.cli_helpers import ROOT
 
-    code = (
-        "import json, tests.trace_cache\n"
+    keys = (
         "from tests.test_trace_cache import CHANGES, _bert, _key, _keys_around, _model\n"
         "keys = {name: _keys_around(name) for name in CHANGES}\n"
         "print(json.dumps({'deit': _key(_model()), 'bert': _key(_bert()), **keys}))"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345"}
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    here = {"deit": _key(_model()), "bert": _key(_bert()), **{name: list(_keys_around(name)) for name in CHANGES}}
-    assert json.loads(other.stdout) == here
+    orders = {
+        "recorder first": "import json, tests.trace_cache\n",
+        "project first": "import json, ops, exporter.parity, tests.trace_cache\n",
+    }
+    outputs = []
+    for seed, prelude in zip(("12345", "54321"), orders.values()):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", prelude + keys], capture_output=True, text=True, env=env, check=True
+        )
+        outputs.append(json.loads(run.stdout))
+    assert outputs[0] == outputs[1]
+    assert len({len(v) for v in outputs[0].values() if isinstance(v, list)}) == 1  # [before, changed, after] each
 
 
 def _graph(label: str) -> onnx.ModelProto:
