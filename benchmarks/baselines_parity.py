@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from exporter.atomic import atomic_write_text
-from pipelines.jobs.options import algo_list, ratio_list
+from pipelines.jobs.options import algo_list, choice_list, ratio_list
 
 RESULTS = Path(__file__).resolve().parent / "results" / "baselines"
 BASELINES = ("tofu", "dct", "mctf", "crossget", "diffrate")
@@ -84,16 +84,15 @@ def markdown(rows: list[dict], setup: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"of {','.join(MODELS)}")
+    parser.add_argument(
+        "--models", type=choice_list(tuple(MODELS), "model"), default=list(MODELS), help=f"of {','.join(MODELS)}"
+    )
     parser.add_argument("--algos", type=algo_list, default=list(BASELINES))
     parser.add_argument("--ratios", type=ratio_list, default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    models = args.models
     began = time.monotonic()
     rows = [row for name in models for row in check_model(name, args.algos, args.ratios, args.threads)]
     from exporter.runners import cpu_name

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from exporter.atomic import atomic_write_text
+from pipelines.jobs.options import choice_list
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tune"
 TUNE_SAMPLES = 5000  # tune's default --tune-samples
@@ -191,14 +192,13 @@ def markdown(results: list[dict], setup: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(GRIDS), help=f"of {','.join(GRIDS)}")
+    parser.add_argument(
+        "--models", type=choice_list(tuple(GRIDS), "model"), default=list(GRIDS), help=f"of {','.join(GRIDS)}"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in names if m not in GRIDS]
-    if unknown:
-        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(GRIDS)}")
+    names = args.models
     began = time.monotonic()
     results = [measure(name, GRIDS[name], args.threads) for name in names]
     from exporter.runners import cpu_name

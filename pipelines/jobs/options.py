@@ -260,6 +260,11 @@ def _choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
     return values
 
 
+def choice_list(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """argparse type for comma-separated values, each one of `choices` (e.g. a harness's models)."""
+    return lambda text: _choice_list(text, choices, what)
+
+
 def algo_at_ratio(text: str) -> tuple[str, float]:
     """argparse type: an algorithm at a ratio, "pitome@0.9"."""
     algo, at, value = text.partition("@")
