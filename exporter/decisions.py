@@ -28,7 +28,7 @@ from ops.decision_tape import DecisionTape, paused, recording
 from ops.merge import MergePlan, PlanAssign, plan_from_slots, plan_slots
 from ops.reduction import Reduction
 
-_CHOICE_NAME = re.compile(r"^(order|match)_(\d+)_(\d+)$")
+_CHOICE_NAME = re.compile(r"^(order|match|round)_(\d+)_(\d+)$")
 
 
 @dataclass
@@ -74,7 +74,9 @@ def decision_hooks(
         return plan
 
     merges = [m for m in model.modules() if isinstance(m, PlanAssign)]
-    handles = [m.register_forward_pre_hook(begin) for m in merges] + [m.register_forward_hook(hook) for m in merges]
+    rounding = [m for m in model.modules() if isinstance(m, Reduction) and m.rounds and m.r > 0]
+    handles = [m.register_forward_pre_hook(begin) for m in merges + rounding]
+    handles += [m.register_forward_hook(hook) for m in merges]
     try:
         yield capture
     finally:
@@ -98,13 +100,24 @@ class DecisionWrapper(torch.nn.Module):
         return (*as_outputs(out), *capture.slots, *capture.owners, *choices)
 
 
-def decision_output_names(model: torch.nn.Module) -> list[str]:
-    """`slots_<layer>` for each layer that reduces by decisions (a `PlanAssign`; DCT's fixed
-    linear map has none), in order."""
+def decision_layer_names(model: torch.nn.Module) -> list[str]:
+    """One name per layer that decides, in order: `slots_<layer>` for a layer that reduces by a
+    merge plan (`PlanAssign`), `round_<layer>` for one whose only decision is its float16
+    rounding (DCT's fixed linear map). `<layer>` counts every reduction, reducing or not."""
     layers = [m for m in model.modules() if isinstance(m, Reduction)]
-    return [
-        f"slots_{i}" for i, m in enumerate(layers) if m.r > 0 and isinstance(getattr(m, "assign", None), PlanAssign)
-    ]
+    names = []
+    for i, m in enumerate(layers):
+        if m.r > 0 and isinstance(getattr(m, "assign", None), PlanAssign):
+            names.append(f"slots_{i}")
+        elif m.r > 0 and m.rounds:
+            names.append(f"round_{i}")
+    return names
+
+
+def decision_output_names(model: torch.nn.Module) -> list[str]:
+    """`slots_<layer>` for each layer that reduces by a merge plan, in order (a debug export's
+    outputs; a rounding layer has no slots)."""
+    return [name for name in decision_layer_names(model) if name.startswith("slots_")]
 
 
 def owner_output_name(slots_name: str) -> str:
@@ -129,7 +142,7 @@ def choice_kinds(
 
 def choice_output_names(model: torch.nn.Module, kinds: list[list[str]]) -> list[str]:
     """`<kind>_<layer>_<k>` and `<kind>_scores_<layer>_<k>` for every choice, in call order."""
-    layers = [int(name.split("_")[1]) for name in decision_output_names(model)]
+    layers = [int(name.split("_")[1]) for name in decision_layer_names(model)]
     return [
         name
         for layer, layer_kinds in zip(layers, kinds)
@@ -161,7 +174,7 @@ def graph_choices(outputs: dict[str, np.ndarray]) -> list[list[GraphChoice]]:
 def unnamed_outputs(output_names: list[str], signature: ModelSignature) -> list[str]:
     """Outputs of a debug graph that are neither the model's nor decisions: an export names
     the choices its eager run makes, so extra ones come from a merge that traces otherwise."""
-    known = re.compile(r"^(slots|owners)_\d+$|^(order|match)(_scores)?_\d+_\d+$")
+    known = re.compile(r"^(slots|owners)_\d+$|^(order|match|round)(_scores)?_\d+_\d+$")
     return [name for name in output_names if name not in signature.output_names and not known.match(name)]
 
 

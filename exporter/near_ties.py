@@ -17,8 +17,15 @@ sides start from the same tokens. Then, per layer:
 - the graph's slots must be the ones its choices make under the reference's merge;
 - given the same decisions, every output must agree within the elementwise tolerance.
 
-A choice the reference cannot have made at all (another number of choices, another shape) fails
-at once. Every comparison fails closed on NaN.
+DCT makes no ranking: its one decision is the float16 neighbour each value rounds to, and a
+value within float32 noise of a float16 midpoint rounds up in one runtime and down in the other
+(a step of 1e-3 at 1.0 that the next layers carry to the logits). The same rescue applies with
+the graph's rounded values as its choices: each must be the float16 rounding of a number within
+`tie_atol` of the reference's value (relative above 1), at most `max_flip_share` of a layer's
+values may round otherwise, and with the graph's roundings forced every output must agree.
+
+A choice the reference cannot have made at all (another number of choices, another shape, a
+value float16 cannot hold) fails at once. Every comparison fails closed on NaN.
 """
 
 from __future__ import annotations
@@ -46,12 +53,28 @@ def match_gap(scores: np.ndarray, choice: np.ndarray) -> np.ndarray:
     return _fail_closed((scores.max(axis=-1) - chosen).max(axis=-1, initial=0.0))
 
 
-CHOICE_GAPS = {"order": order_gap, "match": match_gap}
+def round_gap(values: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    """Per sample, how far the reference's float32 `values` lie outside the interval of numbers
+    that round to the graph's float16 `rounded` (to nearest), relative to the value where it
+    exceeds 1 (float32 noise scales with it): 0 where the graph rounded as the reference does,
+    a hair where float32 noise carried a value across a float16 midpoint, half a float16 step
+    and more where the graph rounds otherwise. Infinite for values float16 cannot hold."""
+    wide, half = values.astype(np.float64), rounded.astype(np.float16)
+    below, above = (np.nextafter(half, np.float16(side)).astype(np.float64) for side in (-np.inf, np.inf))
+    centre = half.astype(np.float64)
+    outside = np.maximum(np.maximum((below + centre) / 2 - wide, wide - (centre + above) / 2), 0.0)
+    gap = np.where(centre == rounded, outside / np.maximum(np.abs(wide), 1.0), np.inf)
+    return _fail_closed(gap).reshape(gap.shape[0], -1).max(axis=-1, initial=0.0)
+
+
+CHOICE_GAPS = {"order": order_gap, "match": match_gap, "round": round_gap}
 
 
 def own_choice(kind: str, scores: np.ndarray) -> np.ndarray:
-    """The choice the reference makes on `scores`: descending order, ties to the lower index, or
-    the first best column of each row."""
+    """The choice the reference makes on `scores`: descending order, ties to the lower index;
+    the first best column of each row; each value rounded to float16 (to nearest, ties to even)."""
+    if kind == "round":
+        return scores.astype(np.float16).astype(np.float32)
     return np.argsort(-scores, axis=-1, kind="stable") if kind == "order" else scores.argmax(axis=-1)
 
 
@@ -61,6 +84,8 @@ def rounding_flips(kind: str, scores: np.ndarray, choice: np.ndarray) -> tuple[i
     Runtime's TopK takes the lower index, OpenVINO's does not) is the second kind: both choices
     are equally right; rounding decides the first kind."""
     own = own_choice(kind, scores)
+    if kind == "round":  # no exact ties: a value either sits on a midpoint or it does not
+        return int((choice != own).sum()), 0
     if kind == "order":
         picked, wanted = (np.take_along_axis(scores, c, axis=-1) for c in (choice, own))
     else:
@@ -90,7 +115,7 @@ class LayerFigures:
 
     tokens: int = 0  # input tokens seen, over all samples
     regrouped: int = 0  # of them, tokens whose merge group differs from the reference's own choice
-    choices: int = 0  # ranked positions and matched rows, over all samples
+    choices: int = 0  # ranked positions, matched rows or rounded values, over all samples
     flipped: int = 0  # of them, those that differ from the reference's own choice on its scores
     exact_tie_flips: int = 0  # of the flipped, those between exactly equal scores (another tie rule)
     tie_gap: float = 0.0  # the worst choice's shortfall under the reference's scores
@@ -99,7 +124,10 @@ class LayerFigures:
 
     @property
     def agreement(self) -> float:
-        return 1.0 - self.regrouped / self.tokens if self.tokens else 1.0
+        """Share of tokens in the reference's own group; of values rounded alike, in a rounding layer."""
+        if self.tokens:
+            return 1.0 - self.regrouped / self.tokens
+        return 1.0 - self.flipped / self.choices if self.choices else 1.0
 
     @property
     def flip_share(self) -> float:
@@ -181,13 +209,13 @@ def explain_with_decisions(
     Both graphs run on `providers`, the provider whose parity failed: a GPU failure is never
     excused with CPU decisions.
     """
-    from exporter.decisions import decision_output_names, graph_choices, run_eager, unnamed_outputs
+    from exporter.decisions import decision_layer_names, graph_choices, run_eager, unnamed_outputs
     from exporter.runners import ort_session, placed_on
 
     debug, shipped = (ort_session(path, providers, threads) for path in (debug_onnx, shipped_onnx))
     output_names = [o.name for o in debug.get_outputs()]
     main = [o.name for o in shipped.get_outputs()]
-    layers = decision_output_names(model)
+    layers = decision_layer_names(model)
     report = DecisionsReport()
     extra = unnamed_outputs(output_names, signature)
     if extra:
@@ -200,13 +228,14 @@ def explain_with_decisions(
             graph = dict(zip(output_names, debug.run(None, feed)))
             for name, expected in zip(main, shipped.run(None, feed)):
                 report.reproduces &= within(np.abs(graph[name] - expected), expected, tol)
-            slots, choices = [graph[name] for name in layers], graph_choices(graph)
+            slots = [graph[name] for name in layers if name.startswith("slots_")]
+            choices = graph_choices(graph)
             try:
                 forced = run_eager(model, signature, feed, device, forced=slots, forced_choices=choices)
             except DecisionMismatch as mismatch:
                 report.mismatch = str(mismatch)
                 return report
-            _add_layers(report, layers, slots, forced, choices)
+            _add_layers(report, layers, graph, forced, choices)
             for name, out in zip(main, forced.outputs):
                 diff = np.abs(out.numpy() - graph[name])
                 report.forced_max_abs = float(np.max([report.forced_max_abs, np.max(diff, initial=0.0)]))
@@ -214,21 +243,22 @@ def explain_with_decisions(
     return report
 
 
-def _add_layers(report: DecisionsReport, layers: list[str], slots, forced, choices) -> None:
-    """Fold one batch's per-layer figures into `report`: `slots` and `choices` are the graph's,
-    `forced` the reference's run with them forced."""
-    flipped = np.zeros(slots[0].shape[0], dtype=bool)
+def _add_layers(report: DecisionsReport, layers: list[str], graph: dict, forced, choices) -> None:
+    """Fold one batch's per-layer figures into `report`: `layers` are the deciding layers' names,
+    `graph` the debug graph's outputs by name, `choices` its choices, `forced` the reference's
+    run with them forced."""
+    flipped = np.zeros(forced.outputs[0].shape[0], dtype=bool)
+    slot_layers = [name for name in layers if name.startswith("slots_")]
     for k, name in enumerate(layers):
-        figures, graph_slots = report.layer(name), slots[k]
-        own = forced.layers.own_slots[k].numpy()
-        figures.tokens += graph_slots.size
-        figures.regrouped += int((~same_groups(own, graph_slots)).sum())
-        figures.slots_follow_choices &= bool(np.array_equal(forced.layers.choice_slots[k].numpy(), graph_slots))
-        flipped |= (own != graph_slots).any(axis=1)
+        figures = report.layer(name)
+        if name in slot_layers:
+            _add_slots(figures, slot_layers.index(name), graph[name], forced, flipped)
         for call, graph_choice in zip(forced.tape.layers[k], choices[k]):
             reference = call.scores.numpy()
             gap = CHOICE_GAPS[call.kind](reference, graph_choice.choice)
             by_rounding, at_exact_ties = rounding_flips(call.kind, reference, graph_choice.choice)
+            if call.kind == "round":  # no slots: a sample differs where any of its values rounded otherwise
+                flipped |= (graph_choice.choice != own_choice("round", reference)).reshape(flipped.size, -1).any(1)
             figures.choices += graph_choice.choice.size
             figures.flipped += by_rounding + at_exact_ties
             figures.exact_tie_flips += at_exact_ties
@@ -237,3 +267,13 @@ def _add_layers(report: DecisionsReport, layers: list[str], slots, forced, choic
             figures.score_noise = float(np.max([figures.score_noise, np.max(noise, initial=0.0)]))
     report.samples += int(flipped.size)
     report.samples_with_flips += int(flipped.sum())
+
+
+def _add_slots(figures: LayerFigures, index: int, graph_slots: np.ndarray, forced, flipped: np.ndarray) -> None:
+    """A merging layer's slot figures: tokens regrouped against the reference's own choice, and
+    whether the graph's slots are what its choices make; marks the samples whose slots differ."""
+    own = forced.layers.own_slots[index].numpy()
+    figures.tokens += graph_slots.size
+    figures.regrouped += int((~same_groups(own, graph_slots)).sum())
+    figures.slots_follow_choices &= bool(np.array_equal(forced.layers.choice_slots[index].numpy(), graph_slots))
+    flipped |= (own != graph_slots).any(axis=1)

@@ -219,9 +219,9 @@ def verify_export(
     schedule = getattr(model, "token_schedule", None)
     if report.passed or schedule is None or not any(schedule.merges):
         return report
-    from exporter.decisions import decision_output_names
+    from exporter.decisions import decision_layer_names
 
-    if not decision_output_names(model):  # a fixed linear map (DCT): nothing a near-tie could flip
+    if not decision_layer_names(model):
         return report
     from exporter.decisions import export_decisions_like
     from exporter.onnx_export import export_settings

@@ -2,7 +2,8 @@
 what it chose, recorded in call order, or replaced by choices made elsewhere.
 
 A merge decides through two primitives only (`ops.merge.descending_order`, a ranking, and
-`ops.merge.best_match`, an arg-max per row). With a tape active, each primitive writes its
+`ops.merge.best_match`, an arg-max per row); DCT's one decision is its float16 rounding
+(`ops.algos.dct`, kind "round": each value rounds to one of two neighbours). With a tape active, each primitive writes its
 scores and its choice to it, one list per merging layer (`begin_layer`); with forced choices,
 each primitive returns the forced one instead, after checking that it has the shape it would
 have made. That is how parity tells a near-tie broken otherwise from a graph that decides by
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-CHOICE_KINDS = ("order", "match")  # a ranking `[B, T]` of scores `[B, T]`; an arg-max `[B, R]` of `[B, R, C]`
+# A ranking `[B, T]` of scores `[B, T]`; an arg-max `[B, R]` of `[B, R, C]`; float16 values of float32 ones, same shape
+CHOICE_KINDS = ("order", "match", "round")
 
 
 class DecisionMismatch(ValueError):
@@ -60,7 +62,8 @@ class DecisionTape:
 
     def _forced(self, layer: int, index: int, kind: str, own: torch.Tensor, candidates: int) -> torch.Tensor:
         """The forced choice in `own`'s place, if it is one this primitive could have made: same
-        shape, indices among its `candidates` (the scores' last axis), a permutation for an order."""
+        shape, indices among its `candidates` (the scores' last axis), a permutation for an order,
+        values float16 holds for a rounding (whether the right ones is the parity check's question)."""
         where = f"merging layer {layer}, choice {index} ({kind} of {tuple(own.shape)})"
         if layer >= len(self.forced) or index >= len(self.forced[layer]):
             raise DecisionMismatch(f"the graph made no {where}")
@@ -70,6 +73,11 @@ class DecisionTape:
         wanted = torch.as_tensor(wanted).to(own.device)
         if wanted.shape != own.shape:
             raise DecisionMismatch(f"the graph's {where} has shape {tuple(wanted.shape)}")
+        if kind == "round":
+            wanted = wanted.to(own.dtype)
+            if not torch.equal(wanted.to(torch.float16).to(own.dtype), wanted):  # NaN too: never equal
+                raise DecisionMismatch(f"the graph's {where} holds values float16 cannot hold")
+            return wanted
         if wanted.numel() and (int(wanted.min()) < 0 or int(wanted.max()) >= candidates):
             raise DecisionMismatch(f"the graph's {where} holds indices outside 0..{candidates - 1}")
         if kind == "order" and not torch.equal(wanted.sort(-1).values, own.sort(-1).values):

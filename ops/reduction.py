@@ -29,6 +29,7 @@ class Reduction(torch.nn.Module):
     stage: str = "attention"
     needs_attention: bool = False
     mixes_tokens: bool = False  # each output token blends all input tokens (DCT): no mask follows them
+    rounds: bool = False  # its output goes through a float16 round trip (DCT): a decision per value
     text_families: tuple[str, ...] = ("bert", "distilbert")  # the text encoders it has a variant for
 
     def __init__(self, r: int, num_prefix: int) -> None:

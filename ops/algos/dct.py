@@ -4,7 +4,10 @@ After the MLP residual of every reducing block, the non-prefix tokens `x_p [B, T
 current order) go through an orthonormal DCT-II of length T along the token axis, keep the T'
 lowest frequencies and come back through an orthonormal inverse of length T': one constant
 `[T', T]` matrix per layer. The result is rounded to float16 and back, as the authors' cast to
-half does (it moves DeiT-Tiny logits by up to 1.4e-4). No decisions, no size (ones).
+half does (it moves DeiT-Tiny logits by up to 1.4e-4). That rounding is DCT's only decision: a
+value within float32 noise of a float16 midpoint rounds up in one runtime and down in another,
+so it goes through the decision tape (kind "round") and parity can force the graph's roundings
+into the reference (`exporter.near_ties`). No size (ones).
 
 Text (BERT, DistilBERT): the same transform after the feed-forward sublayer's LayerNorm of the
 merging layers, the class token kept. An output token blends every input token, so no attention
@@ -22,6 +25,7 @@ import math
 
 import torch
 
+from ops.decision_tape import taped
 from ops.reduction import Reduction
 from ops.schedule import TokenSchedule
 
@@ -59,7 +63,8 @@ class FrequencyTruncation(torch.nn.Module):
         self.register_buffer("spans", span_overlaps(tokens, kept) if span_sizes else None, persistent=False)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = (self.matrix.to(x.dtype) @ x).to(torch.float16).to(x.dtype)
+        low_passed = self.matrix.to(x.dtype) @ x
+        out = taped("round", low_passed, low_passed.to(torch.float16).to(x.dtype))
         if self.spans is None:
             return out, size.new_ones(out.shape[0], out.shape[1], size.shape[-1])
         return out, self.spans.to(size.dtype) @ size
@@ -71,6 +76,7 @@ class DCT(Reduction):
 
     stage = "mlp"
     mixes_tokens = True
+    rounds = True
 
     def __init__(self, r: int, num_prefix: int, tokens: int, span_sizes: bool = False) -> None:
         super().__init__(r, num_prefix)
