@@ -15,7 +15,6 @@ less loss than new data shows. Results: `benchmarks/results/tune/split_gap.{json
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.atomic import atomic_write_text
+from benchmarks.records import write_record
 from pipelines.jobs.options import choice_list
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tune"
@@ -207,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "seconds": time.monotonic() - began,
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "split_gap.json", json.dumps({"setup": setup, "results": results}, indent=1))
-    atomic_write_text(args.out / "split_gap.md", markdown(results, setup) + "\n")
-    print(markdown(results, setup))
+    write_record(args.out, "split_gap", {"setup": setup, "results": results}, markdown(results, setup))
     return 0
 
 

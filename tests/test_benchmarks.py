@@ -348,3 +348,26 @@ def test_device_check_rejects_bad_arguments(capsys):
         main(["--runs", "0"])
     assert exit_info.value.code == 2
     assert "--runs must be >= 1" in capsys.readouterr().err
+
+
+def test_finetune_table_refuses_runs_it_cannot_read(tmp_path, capsys):
+    """A folder that is no finetune output, or an untrained export of another schedule: one line,
+    exit 2 (argparse) or a message naming both folders, before any timing."""
+    import json
+
+    from benchmarks import finetune_table
+
+    tuned, shelf = tmp_path / "ft", tmp_path / "shelf"
+    for folder in (tuned, shelf):
+        folder.mkdir()
+        for name in ("accuracy.json", "model.onnx"):
+            (folder / name).write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", f"vit_fmnist={tuned},{shelf}"])
+    assert exit_info.value.code == 2 and "lacks finetune.json" in capsys.readouterr().err
+    (tuned / "finetune.json").write_text("{}")
+    for folder, merges in ((tuned, [4, 4]), (shelf, [4, 3])):
+        (folder / "schedule.json").write_text(json.dumps({"algo": "pitome", "merges": merges, "prop_attn": False}))
+    run = finetune_table.parse_run(f"vit_fmnist={tuned},{shelf}")
+    with pytest.raises(SystemExit, match="another schedule"):
+        finetune_table.same_schedule(run)
