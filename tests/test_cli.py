@@ -383,3 +383,13 @@ def test_the_wheel_ships_no_training_scripts_and_the_model_assets():
     assert {p.parent.name for p in shipped} == {"vit_fmnist", "minilm_sentiment"}
     module, _, function = pyproject["project"]["scripts"]["pitome-export"].partition(":")
     assert callable(getattr(importlib.import_module(module), function))  # the console entry point resolves
+
+
+def test_a_launchers_other_processes_leave_the_console_to_the_main_one(monkeypatch, capsys):
+    """Under torchrun or accelerate launch every process runs the CLI; only RANK 0 prints."""
+    from pipelines.cli.commands import main
+
+    for rank, prints in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["schedule", "vit_fmnist", "--ratio", "0.9"]) == 0
+        assert bool(capsys.readouterr().out.strip()) is prints

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def off_the_main_process() -> bool:
+    """Whether a launcher (`torchrun`, `accelerate launch`) started this process beside the main
+    one (RANK 0): it trains its shard quietly and leaves the console to the main process; its
+    errors still reach stderr."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.jobs import interrupts
 
-    console = Console()
+    console = Console(quiet=off_the_main_process())
     try:
         with interrupts.watching():
             return _dispatch(args, console)
