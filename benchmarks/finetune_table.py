@@ -161,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs, "seconds": time.monotonic() - began,
         "command": "python -m benchmarks.finetune_table " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
-    for run in args.run:
-        kept = args.out / run.name
+    for folder in (f for run in args.run for f in (run.finetuned, run.unmerged_finetuned) if f is not None):
+        kept = args.out / folder.name
         kept.mkdir(parents=True, exist_ok=True)
         for name in KEPT_FILES:
-            if (run.finetuned / name).is_file():
-                shutil.copy2(run.finetuned / name, kept / name)
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, kept / name)
     write_record(args.out, "table", {"setup": setup, "rows": rows}, markdown(rows, setup))
     return 0
 

@@ -165,8 +165,12 @@ class DecisionsReport:
             if not figures.slots_follow_choices:
                 checks.append((False, f"{name}: the graph's slots are not what its own choices make"))
             if not figures.tie_gap <= tie_atol:
-                checks.append((False, f"{name}: a choice falls {figures.tie_gap:.3g} short of the reference's "
-                                      f"best (near-tie bound {tie_atol:g})"))  # fmt: skip
+                what = (
+                    "a value was rounded as if {:.3g} from the reference's"
+                    if name.startswith("round_")
+                    else "a choice falls {:.3g} short of the reference's best"
+                ).format(figures.tie_gap)
+                checks.append((False, f"{name}: {what} (near-tie bound {tie_atol:g})"))  # fmt: skip
             if not figures.flip_share <= max_flip_share:
                 checks.append((False, f"{name}: {figures.flip_share:.1%} of its choices flipped "
                                       f"(at most {max_flip_share:.0%})"))  # fmt: skip

@@ -172,7 +172,7 @@ def not_rounded(kind, values, rounded):
 
 @pytest.mark.parametrize(
     ("rounding", "says"),
-    [(scaled_before_rounding, "short of the reference's best"), (not_rounded, "float16 cannot hold")],
+    [(scaled_before_rounding, "rounded as if"), (not_rounded, "float16 cannot hold")],
 )
 def test_a_dct_graph_that_rounds_otherwise_fails(tmp_path, monkeypatch, rounding, says):
     real = dct.taped
