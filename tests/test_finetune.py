@@ -64,14 +64,26 @@ def history(folder) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference_run(idx_data, tmp_path_factory):
-    """One uninterrupted single-process run: the figures resumed and distributed runs must give."""
+    """One uninterrupted single-process run: the figures resumed and distributed runs must give
+    (it keeps its epochs' weights too, which changes nothing else)."""
     from pipelines.jobs import interrupts
     from pipelines.jobs.finetune.job import run_finetune
 
     out = tmp_path_factory.mktemp("reference") / "out"
     with interrupts.watching():
-        run_finetune(make_job(idx_data, out), Console(quiet=True))
+        run_finetune(make_job(idx_data, out, keep_epochs=True), Console(quiet=True))
     return out
+
+
+def test_kept_epochs_are_each_epochs_weights_and_the_best_is_the_published_one(reference_run):
+    from safetensors.torch import load_file
+
+    record = json.loads((reference_run / "finetune.json").read_text())
+    assert record["epoch_weights"] == ["epochs/epoch-1.safetensors", "epochs/epoch-2.safetensors"]
+    kept = [load_file(str(reference_run / name)) for name in record["epoch_weights"]]
+    assert not all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])  # two epochs, two sets of weights
+    best = kept[record["best_epoch"] - 1]
+    assert all(torch.equal(v, best[k]) for k, v in weights(reference_run).items())
 
 
 def test_training_reads_the_training_split_only_and_never_its_validation_slice(idx_data, tmp_path, monkeypatch):

@@ -80,6 +80,11 @@ class FinetuneJob(ExportJob):
         help="parameters left as they are: names or fnmatch patterns, comma-separated, or none "
         f"({defaults_text('freeze')})",
     )  # fmt: skip
+    keep_epochs: bool = option(
+        "--keep-epochs", default=False, group="training", action="store_true", commands=FINETUNE,
+        help="also keep every epoch's weights (epochs/epoch-N.safetensors, the merged student's state dict): "
+        "`python -m benchmarks.finetune_curve DIR` scores them on the test split after training",
+    )  # fmt: skip
     export: bool = option("--no-export", default=True, group="training", action="store_false", commands=FINETUNE,
                           help="stop after training: the weights, finetune.json and the curve")  # fmt: skip
 
@@ -215,6 +220,7 @@ class Trained:
     teacher: dict[str, float]  # the teacher on the validation slice
     processes: int
     device: str
+    epoch_files: list[Path]  # with --keep-epochs: each epoch's weights, in epoch order (else empty)
 
 
 def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained | None:
@@ -236,6 +242,7 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
     settings = LoopSettings(
         epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
         seed=job.seed, checkpoint_seconds=CHECKPOINT_SECONDS, max_grad_norm=recipe.max_grad_norm, select=task.select,
+        keep_epochs=job.keep_epochs,
     )  # fmt: skip
     samples = training_samples(setup.splits.train, recipe.augment and setup.spec.kind != "text", job.seed)
     try:
@@ -246,7 +253,8 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
         task.release()
     if not accelerator.is_main_process:
         return None
-    return Trained(result, before, teacher, accelerator.num_processes, device_name(accelerator.device))
+    kept = sorted(checkpoint.parent.glob("epoch-*.safetensors"), key=lambda path: int(path.stem.split("-")[1]))
+    return Trained(result, before, teacher, accelerator.num_processes, device_name(accelerator.device), kept)
 
 
 def identity(setup: Setup, job: FinetuneJob) -> dict:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import platform
 import shlex
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 TIMM_WEIGHTS = "model.safetensors"  # timm models: a state dict, what `--checkpoint FILE` loads
 HF_WEIGHTS = "weights"  # Hugging Face models: a save_pretrained folder, what `--checkpoint FOLDER` loads
+EPOCHS = "epochs"  # --keep-epochs: each epoch's state dict of the merged student
 
 
 def fine_tuned_model(student: torch.nn.Module, best_weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -118,12 +120,17 @@ def training_record(setup: Setup, job: FinetuneJob, trained: Trained, weights: s
         "wall_seconds": state.wall_seconds,
         "samples_per_second": state.samples / max(1e-9, state.step_seconds),
         "weights": weights,
+        "epoch_weights": [f"{EPOCHS}/{path.name}" for path in trained.epoch_files],
     }
 
 
 def write_training_files(setup: Setup, job: FinetuneJob, trained: Trained, model: torch.nn.Module, out: Path) -> dict:
     """The weights, finetune.json and training.png in `out`; the record written."""
     record = training_record(setup, job, trained, save_weights(model, setup, job, out))
+    if trained.epoch_files:
+        (out / EPOCHS).mkdir()
+        for path in trained.epoch_files:
+            shutil.copyfile(path, out / EPOCHS / path.name)
     atomic_write_text(out / "finetune.json", json.dumps(record, indent=2, default=str))
     draw_curve(record, out / "training.png")
     return record
