@@ -45,17 +45,24 @@ class Run:
 
 
 def parse_run(text: str) -> Run:
-    """`MODEL=FINETUNED,OFF_THE_SHELF[,UNMERGED_FINETUNED]`, each folder checked for what it must hold."""
+    """`MODEL=FINETUNED,OFF_THE_SHELF[,UNMERGED_FINETUNED]`, each folder checked for what the table
+    reads of it, and the two merged graphs for the same schedule: refused before any timing."""
     model, _, folders = text.partition("=")
     paths = [Path(p) for p in folders.split(",") if p]
     if not model or len(paths) not in (2, 3):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL=FINETUNED,OFF_THE_SHELF[,UNMERGED_FINETUNED]")
-    wanted = [("finetune.json", "accuracy.json", "model.onnx"), ("accuracy.json", "model.onnx"), ("accuracy.json",)]
+    wanted = [
+        ("finetune.json", "accuracy.json", "model.onnx", "schedule.json", "bench.json"),
+        ("accuracy.json", "model.onnx", "schedule.json"),
+        ("finetune.json", "accuracy.json"),
+    ]
     for path, files in zip(paths, wanted):
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise argparse.ArgumentTypeError(f"{path} lacks {', '.join(missing)}")
-    return Run(model, *paths)
+    run = Run(model, *paths)
+    same_schedule(run)
+    return run
 
 
 def read_json(path: Path) -> dict:
@@ -66,28 +73,31 @@ def same_schedule(run: Run) -> dict:
     """The schedule both merged graphs were exported with; refused if they differ."""
     tuned, shelf = (read_json(folder / "schedule.json") for folder in (run.finetuned, run.shelf))
     if any(tuned.get(key) != shelf.get(key) for key in ("algo", "merges", "prop_attn")):
-        sys.exit(f"{run.name}: {run.shelf} was exported with another schedule than {run.finetuned}")
+        raise argparse.ArgumentTypeError(f"{run.shelf} was exported with another schedule than {run.finetuned}")
     return tuned
 
 
-def time_run(run: Run, batch: int, runs: int, threads: int) -> dict[str, float]:
-    """Median ms of the fine-tuned graph, the untrained one and the unmerged stock graph, timed together."""
+def stock_graph(model_name: str, batch: int, scratch: Path) -> tuple[Path, dict]:
+    """The unmerged stock graph of a model (exported into `scratch`) and feeds of `batch` samples."""
     from exporter.signatures import signature_of
-    from exporter.variants import Variant, export_variant, time_graphs
+    from exporter.variants import Variant, export_variant
     from pipelines.models.registry import load_model, resolve
 
-    spec = resolve(run.model)
+    spec = resolve(model_name)
     model, _ = load_model(spec, None, False)
     seq_len = spec.seq_len if spec.kind == "text" else None
     feeds = {k: v.numpy() for k, v in signature_of(model, seq_len).example_inputs(batch).items()}
-    with tempfile.TemporaryDirectory(prefix="pitome-finetune-table-") as scratch:
-        unmerged, _ = export_variant(model, Variant("unmerged"), Path(scratch), seq_len=seq_len)
-        graphs = {
-            "fine-tuned": run.finetuned / "model.onnx",
-            "untrained": run.shelf / "model.onnx",
-            "unmerged": unmerged,
-        }
-        stats = time_graphs(graphs, feeds, batch, runs, threads)
+    scratch.mkdir(parents=True, exist_ok=True)
+    graph, _ = export_variant(model, Variant("unmerged"), scratch, seq_len=seq_len)
+    return graph, feeds
+
+
+def time_run(run: Run, unmerged: Path, feeds: dict, batch: int, runs: int, threads: int) -> dict[str, float]:
+    """Median ms of the fine-tuned graph, the untrained one and the unmerged stock graph, timed together."""
+    from exporter.variants import time_graphs
+
+    graphs = {"fine-tuned": run.finetuned / "model.onnx", "untrained": run.shelf / "model.onnx", "unmerged": unmerged}
+    stats = time_graphs(graphs, feeds, batch, runs, threads)
     return {name: s.median_ms for name, s in stats.items()}
 
 
@@ -155,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.runners import cpu_name
 
     began = time.monotonic()
-    rows = [row(run, time_run(run, args.batch, args.runs, args.threads)) for run in args.run]
+    with tempfile.TemporaryDirectory(prefix="pitome-finetune-table-") as scratch:
+        stocks = {model: stock_graph(model, args.batch, Path(scratch) / model) for model in {r.model for r in args.run}}
+        rows = [row(run, time_run(run, *stocks[run.model], args.batch, args.runs, args.threads)) for run in args.run]
     setup = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "batch": args.batch, "threads": args.threads,
         "runs": args.runs, "seconds": time.monotonic() - began,

@@ -24,11 +24,13 @@ import torch
 
 from exporter.runners import placed_on
 from exporter.signatures import ExportWrapper, ModelSignature, as_outputs
-from ops.decision_tape import DecisionTape, paused, recording
+from ops.decision_tape import CHOICE_KINDS, DecisionTape, paused, recording
 from ops.merge import MergePlan, PlanAssign, plan_from_slots, plan_slots
 from ops.reduction import Reduction
 
-_CHOICE_NAME = re.compile(r"^(order|match|round)_(\d+)_(\d+)$")
+_KINDS = "|".join(CHOICE_KINDS)
+_CHOICE_NAME = re.compile(rf"^({_KINDS})_(\d+)_(\d+)$")  # a choice output: kind, layer, call
+_DECISION_NAME = re.compile(rf"^(slots|owners)_\d+$|^({_KINDS})(_scores)?_\d+_\d+$")  # any debug output
 
 
 @dataclass
@@ -74,7 +76,7 @@ def decision_hooks(
         return plan
 
     merges = [m for m in model.modules() if isinstance(m, PlanAssign)]
-    rounding = [m for m in model.modules() if isinstance(m, Reduction) and m.rounds and m.r > 0]
+    rounding = [m for m in model.modules() if isinstance(m, Reduction) and decides_by_rounding(m)]
     handles = [m.register_forward_pre_hook(begin) for m in merges + rounding]
     handles += [m.register_forward_hook(hook) for m in merges]
     try:
@@ -100,6 +102,11 @@ class DecisionWrapper(torch.nn.Module):
         return (*as_outputs(out), *capture.slots, *capture.owners, *choices)
 
 
+def decides_by_rounding(layer: Reduction) -> bool:
+    """Whether a reduction's decision is its float16 rounding (DCT's, when it reduces)."""
+    return layer.r > 0 and layer.rounds
+
+
 def decision_layer_names(model: torch.nn.Module) -> list[str]:
     """One name per layer that decides, in order: `slots_<layer>` for a layer that reduces by a
     merge plan (`PlanAssign`), `round_<layer>` for one whose only decision is its float16
@@ -109,7 +116,7 @@ def decision_layer_names(model: torch.nn.Module) -> list[str]:
     for i, m in enumerate(layers):
         if m.r > 0 and isinstance(getattr(m, "assign", None), PlanAssign):
             names.append(f"slots_{i}")
-        elif m.r > 0 and m.rounds:
+        elif decides_by_rounding(m):
             names.append(f"round_{i}")
     return names
 
@@ -117,7 +124,12 @@ def decision_layer_names(model: torch.nn.Module) -> list[str]:
 def decision_output_names(model: torch.nn.Module) -> list[str]:
     """`slots_<layer>` for each layer that reduces by a merge plan, in order (a debug export's
     outputs; a rounding layer has no slots)."""
-    return [name for name in decision_layer_names(model) if name.startswith("slots_")]
+    return slot_layers(decision_layer_names(model))
+
+
+def slot_layers(layer_names: list[str]) -> list[str]:
+    """Of `decision_layer_names`, those of the layers that reduce by a merge plan (they have slots)."""
+    return [name for name in layer_names if name.startswith("slots_")]
 
 
 def owner_output_name(slots_name: str) -> str:
@@ -174,8 +186,7 @@ def graph_choices(outputs: dict[str, np.ndarray]) -> list[list[GraphChoice]]:
 def unnamed_outputs(output_names: list[str], signature: ModelSignature) -> list[str]:
     """Outputs of a debug graph that are neither the model's nor decisions: an export names
     the choices its eager run makes, so extra ones come from a merge that traces otherwise."""
-    known = re.compile(r"^(slots|owners)_\d+$|^(order|match|round)(_scores)?_\d+_\d+$")
-    return [name for name in output_names if name not in signature.output_names and not known.match(name)]
+    return [name for name in output_names if name not in signature.output_names and not _DECISION_NAME.match(name)]
 
 
 def export_decisions_like(

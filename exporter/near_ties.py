@@ -62,7 +62,8 @@ def round_gap(values: np.ndarray, rounded: np.ndarray) -> np.ndarray:
     wide, half = values.astype(np.float64), rounded.astype(np.float16)
     below, above = (np.nextafter(half, np.float16(side)).astype(np.float64) for side in (-np.inf, np.inf))
     centre = half.astype(np.float64)
-    outside = np.maximum(np.maximum((below + centre) / 2 - wide, wide - (centre + above) / 2), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, which fails closed below
+        outside = np.maximum(np.maximum((below + centre) / 2 - wide, wide - (centre + above) / 2), 0.0)
     gap = np.where(centre == rounded, outside / np.maximum(np.abs(wide), 1.0), np.inf)
     return _fail_closed(gap).reshape(gap.shape[0], -1).max(axis=-1, initial=0.0)
 
@@ -213,7 +214,7 @@ def explain_with_decisions(
     Both graphs run on `providers`, the provider whose parity failed: a GPU failure is never
     excused with CPU decisions.
     """
-    from exporter.decisions import decision_layer_names, graph_choices, run_eager, unnamed_outputs
+    from exporter.decisions import decision_layer_names, graph_choices, run_eager, slot_layers, unnamed_outputs
     from exporter.runners import ort_session, placed_on
 
     debug, shipped = (ort_session(path, providers, threads) for path in (debug_onnx, shipped_onnx))
@@ -232,7 +233,7 @@ def explain_with_decisions(
             graph = dict(zip(output_names, debug.run(None, feed)))
             for name, expected in zip(main, shipped.run(None, feed)):
                 report.reproduces &= within(np.abs(graph[name] - expected), expected, tol)
-            slots = [graph[name] for name in layers if name.startswith("slots_")]
+            slots = [graph[name] for name in slot_layers(layers)]
             choices = graph_choices(graph)
             try:
                 forced = run_eager(model, signature, feed, device, forced=slots, forced_choices=choices)
@@ -252,11 +253,13 @@ def _add_layers(report: DecisionsReport, layers: list[str], graph: dict, forced,
     `graph` the debug graph's outputs by name, `choices` its choices, `forced` the reference's
     run with them forced."""
     flipped = np.zeros(forced.outputs[0].shape[0], dtype=bool)
-    slot_layers = [name for name in layers if name.startswith("slots_")]
+    from exporter.decisions import slot_layers
+
+    with_slots = slot_layers(layers)
     for k, name in enumerate(layers):
         figures = report.layer(name)
-        if name in slot_layers:
-            _add_slots(figures, slot_layers.index(name), graph[name], forced, flipped)
+        if name in with_slots:
+            _add_slots(figures, with_slots.index(name), graph[name], forced, flipped)
         for call, graph_choice in zip(forced.tape.layers[k], choices[k]):
             reference = call.scores.numpy()
             gap = CHOICE_GAPS[call.kind](reference, graph_choice.choice)

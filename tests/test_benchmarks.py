@@ -366,8 +366,12 @@ def test_finetune_table_refuses_runs_it_cannot_read(tmp_path, capsys):
         finetune_table.main(["--run", f"vit_fmnist={tuned},{shelf}"])
     assert exit_info.value.code == 2 and "lacks finetune.json" in capsys.readouterr().err
     (tuned / "finetune.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", f"vit_fmnist={tuned},{shelf}"])
+    assert exit_info.value.code == 2 and "lacks schedule.json, bench.json" in capsys.readouterr().err
+    (tuned / "bench.json").write_text("{}")
     for folder, merges in ((tuned, [4, 4]), (shelf, [4, 3])):
         (folder / "schedule.json").write_text(json.dumps({"algo": "pitome", "merges": merges, "prop_attn": False}))
-    run = finetune_table.parse_run(f"vit_fmnist={tuned},{shelf}")
-    with pytest.raises(SystemExit, match="another schedule"):
-        finetune_table.same_schedule(run)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", f"vit_fmnist={tuned},{shelf}"])
+    assert exit_info.value.code == 2 and "exported with another schedule" in capsys.readouterr().err
