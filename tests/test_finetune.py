@@ -71,7 +71,9 @@ def reference_run(idx_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reference") / "out"
     with interrupts.watching():
-        run_finetune(make_job(idx_data, out, keep_epochs=True), Console(quiet=True))
+        job = make_job(idx_data, out, keep_epochs=True,
+                       command_line=["pitome-export", *flags(idx_data, out, "--keep-epochs")])  # fmt: skip
+        run_finetune(job, Console(quiet=True))
     return out
 
 
@@ -112,6 +114,37 @@ def test_training_reads_the_training_split_only_and_never_its_validation_slice(i
     assert max(brightest) <= normalised + 1e-5  # no test image (pixels >= 200) was ever in a batch
     record = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert record["data"]["train_samples"] == len(splits.train_indices) and record["data"]["test"] == str(idx_data)
+
+
+def test_the_curve_scores_each_kept_epoch_on_the_test_split_after_training(reference_run, tmp_path):
+    """benchmarks.finetune_curve rebuilds the run's student from its command line (random-init
+    teacher drawn alike) and scores before-training and each epoch on the test split."""
+    from safetensors.torch import load_file
+
+    from benchmarks import finetune_curve
+
+    assert finetune_curve.main([str(reference_run), "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert result["test_samples"] == 24  # the test split (t10k), not the training one
+    assert [p["epoch"] for p in result["points"]] == [0, 1, 2] and (tmp_path / "out" / "curve.png").is_file()
+    record = json.loads((reference_run / "finetune.json").read_text())
+    assert [p["val_accuracy"] for p in result["points"][1:]] == [h["val_accuracy"] for h in record["history"]]
+    student, teacher, score, _ = finetune_curve.scorer(record, threads=1)
+    assert result["unmerged_test_accuracy"] == score(teacher)["test_accuracy"]
+    assert score(teacher)["test_agreement"] == 1.0  # the original agrees with itself: the same teacher as the run's
+    student.load_state_dict(load_file(str(reference_run / "epochs" / "epoch-2.safetensors")))
+    assert result["points"][2]["test_accuracy"] == score(student)["test_accuracy"]
+
+
+def test_the_curve_refuses_a_run_without_kept_epochs(reference_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(reference_run / "finetune.json", folder)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.finetune_curve", str(folder)], cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "lacks epochs/epoch-1.safetensors" in result.stderr, result.stderr
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(idx_data, tmp_path, monkeypatch, reference_run):
