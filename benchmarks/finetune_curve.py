@@ -16,45 +16,97 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.records import write_record
+from ops.errors import PitomeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.jobs.finetune.distill import Distillation
+    from pipelines.jobs.finetune.job import FinetuneJob
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune"
 
 
-def run_folder(text: str) -> Path:
-    """A `pitome-export finetune --keep-epochs` output folder, checked for its kept epochs."""
-    path = Path(text)
-    if not (path / "finetune.json").is_file():
-        raise argparse.ArgumentTypeError(f"{path} lacks finetune.json: not a `pitome-export finetune` folder")
-    kept = json.loads((path / "finetune.json").read_text()).get("epoch_weights") or []
-    missing = [name for name in kept if not (path / name).is_file()]
+class RunError(Exception):
+    """A run folder this harness cannot score (one line, exit 2)."""
+
+
+def read_record(folder: Path) -> dict:
+    """finetune.json of `folder`, checked to be a classifier's record with every kept epoch present."""
+    try:
+        record = json.loads((folder / "finetune.json").read_text())
+    except FileNotFoundError:
+        raise RunError(f"{folder} lacks finetune.json: not a `pitome-export finetune` folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{folder}/finetune.json cannot be read: {error}") from None
+    if not isinstance(record, dict) or not {"command_line", "history", "schedule"} <= record.keys():
+        raise RunError(f"{folder}/finetune.json is not a `pitome-export finetune` record")
+    kept = record.get("epoch_weights") or []
+    missing = [name for name in kept if not (folder / name).is_file()]
     if not kept or missing:
-        what = ", ".join(missing) if missing else "kept epochs (run finetune with --keep-epochs)"
-        raise argparse.ArgumentTypeError(f"{path} lacks {what}")
-    return path
+        raise RunError(f"{folder} lacks {', '.join(missing) or 'kept epochs (run finetune with --keep-epochs)'}")
+    trained = {entry.get("epoch") for entry in record["history"]}
+    strays = [name for name in kept if not re.fullmatch(r"epoch-\d+", Path(name).stem) or epoch_of(name) not in trained]
+    if strays:
+        raise RunError(f"{folder}/finetune.json lists weights of no recorded epoch: {', '.join(strays)}")
+    if "val_accuracy" not in record.get("validation_teacher", {}):
+        raise RunError(f"{folder} is a feature model's run: this curve scores classifiers (top-1)")
+    return record
 
 
-def job_of(record: dict):
+def epoch_of(name: str) -> int:
+    """The epoch of a kept file, `epochs/epoch-N.safetensors` -> N."""
+    return int(Path(name).stem.removeprefix("epoch-"))
+
+
+def job_of(record: dict) -> FinetuneJob:
     """The run's FinetuneJob, parsed again from its recorded command line: the same model, weights
     (a checkpoint, random init), schedule and data."""
+    import contextlib
+    import io
     import shlex
 
     from pipelines.cli.commands import build_parser
     from pipelines.jobs.finetune.job import FinetuneJob, with_tuned_schedule
     from pipelines.jobs.options import job_fields
 
-    args = build_parser().parse_args(shlex.split(record["command_line"])[1:])
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = build_parser().parse_args(shlex.split(record["command_line"])[1:])
+    except SystemExit:
+        reason = (errors.getvalue().strip().splitlines() or ["?"])[-1]
+        raise RunError(f"its recorded command line no longer parses ({reason})") from None
     job, _ = with_tuned_schedule(FinetuneJob(**job_fields(args, FinetuneJob, "finetune")))
     return job
 
 
-def scorer(record: dict, threads: int):
-    """(student, teacher, score, samples): the run's merged student and the unmerged original as the
-    run loaded them, and a function giving a model's test top-1 and agreement with the original."""
+@dataclass
+class Scorer:
+    """The run's merged student and the unmerged original as the run loaded them, and the test split."""
+
+    job: FinetuneJob
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    task: Distillation  # scores a model on the test split (its "validation" data here)
+    samples: int
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        """Test top-1 of `model` and its agreement with the original."""
+        figures = self.task.evaluate(model)
+        return {"test_accuracy": figures["val_accuracy"], "test_agreement": figures["val_agreement"]}
+
+
+def scorer(record: dict, threads: int) -> Scorer:
+    """Rebuild the run's student, teacher and test split (the run's data, its test split)."""
     import dataclasses
 
     from rich.console import Console
@@ -65,43 +117,46 @@ def scorer(record: dict, threads: int):
     from pipelines.models.registry import resolve
 
     job = dataclasses.replace(job_of(record), threads=threads, device="cpu")
-    spec = resolve(job.model)
-    with torch_settings(job.threads, job.seed):  # as the run: a random-init teacher is drawn alike
-        setup = prepare(job, spec, record["schedule"]["source"], Console(quiet=True))
-    if setup.schedule["merges"] != record["schedule"]["merges"]:
-        sys.exit(f"{record['command_line']!r} now patches another schedule than the run's")
-    test = open_data(dataclasses.replace(job, data=setup.sources.test), spec, setup.student, setup.seq_len,
-                     setup.signature)  # fmt: skip
+    try:
+        spec = resolve(job.model)
+        with torch_settings(job.threads, job.seed):  # as the run: a random-init teacher is drawn alike
+            setup = prepare(job, spec, record["schedule"]["source"], Console(quiet=True))
+        if setup.schedule["merges"] != record["schedule"]["merges"]:
+            raise RunError(f"{record['command_line']!r} now patches another schedule than the run's")
+        if setup.sources.test is None:
+            raise RunError(f"the run's data ({job.data}) has no test split to score")
+        test = open_data(dataclasses.replace(job, data=setup.sources.test), spec, setup.student, setup.seq_len,
+                         setup.signature)  # fmt: skip
+    except PitomeError as error:
+        raise RunError(str(error)) from None
     task = Distillation(setup.student, setup.teacher, setup.signature, LossWeights(1.0, 0.0, 0.0), test, "cpu")
-
-    def score(model) -> dict[str, float]:
-        figures = task.evaluate(model)
-        return {"test_accuracy": figures["val_accuracy"], "test_agreement": figures["val_agreement"]}
-
-    return setup.student, setup.teacher, score, len(test)
+    return Scorer(job, setup.student, setup.teacher, task, len(test))
 
 
 def curve(folder: Path, threads: int) -> dict:
     """Test figures of the student before training and after each kept epoch, and of the original."""
     from safetensors.torch import load_file
 
-    record = json.loads((folder / "finetune.json").read_text())
-    student, teacher, score, samples = scorer(record, threads)
+    record = read_record(folder)
+    run = scorer(record, threads)
+    by_epoch = {entry["epoch"]: entry for entry in record["history"]}
     points = [{"epoch": 0, "minutes": 0.0, "val_accuracy": record["validation_before"]["val_accuracy"],
-               **score(student)}]  # fmt: skip
-    for name, epoch in zip(record["epoch_weights"], record["history"]):
-        student.load_state_dict(load_file(str(folder / name)))
+               **run.score(run.student)}]  # fmt: skip
+    for name in sorted(record["epoch_weights"], key=epoch_of):
+        epoch = by_epoch[epoch_of(name)]
+        run.student.load_state_dict(load_file(str(folder / name)))
         points.append({"epoch": epoch["epoch"], "minutes": epoch["wall_seconds"] / 60,
-                       "val_accuracy": epoch["val_accuracy"], **score(student)})  # fmt: skip
+                       "val_accuracy": epoch["val_accuracy"], **run.score(run.student)})  # fmt: skip
     return {
-        "run": folder.name, "model": job_of(record).model, "schedule": record["schedule"], "command": record["command_line"],
-        "recipe": record["recipe"], "best_epoch": record["best_epoch"], "test_samples": samples,
-        "unmerged_test_accuracy": score(teacher)["test_accuracy"], "points": points,
+        "run": folder.name, "model": run.job.model, "schedule": record["schedule"], "command": record["command_line"],
+        "recipe": record["recipe"], "best_epoch": record["best_epoch"], "test_samples": run.samples,
+        "unmerged_test_accuracy": run.score(run.teacher)["test_accuracy"], "points": points,
         "cpu": record["cpu"], "samples_per_second": record["samples_per_second"],
     }  # fmt: skip
 
 
 def markdown(result: dict, setup: dict) -> str:
+    """curve.md: one row per point, the kept epoch marked, the gap to the original in points."""
     original = result["unmerged_test_accuracy"]
     schedule = result["schedule"]
     lines = [
@@ -151,13 +206,16 @@ def draw(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=run_folder, metavar="FOLDER")
+    parser.add_argument("run", type=Path, metavar="FOLDER", help="a `pitome-export finetune --keep-epochs` output")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     began = time.monotonic()
     folder = args.run
-    result = curve(folder, args.threads)
+    try:
+        result = curve(folder, args.threads)
+    except RunError as error:
+        parser.error(f"{folder}: {error}" if str(folder) not in str(error) else str(error))
     setup = {
         "date": time.strftime("%Y-%m-%d"), "seconds": time.monotonic() - began, "threads": args.threads,
         "command": "python -m benchmarks.finetune_curve " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -71,8 +71,12 @@ def read_json(path: Path) -> dict:
 
 def same_schedule(run: Run) -> dict:
     """The schedule both merged graphs were exported with; refused if they differ."""
-    tuned, shelf = (read_json(folder / "schedule.json") for folder in (run.finetuned, run.shelf))
-    if any(tuned.get(key) != shelf.get(key) for key in ("algo", "merges", "prop_attn")):
+    try:
+        tuned, shelf = (read_json(folder / "schedule.json") for folder in (run.finetuned, run.shelf))
+        differ = any(tuned.get(key) != shelf.get(key) for key in ("algo", "merges", "prop_attn"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise argparse.ArgumentTypeError(f"{run.name}: a schedule.json is not a schedule ({error})") from None
+    if differ:
         raise argparse.ArgumentTypeError(f"{run.shelf} was exported with another schedule than {run.finetuned}")
     return tuned
 

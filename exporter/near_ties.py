@@ -228,19 +228,20 @@ def explain_with_decisions(
             f"its debug graph returns {len(extra)} values this model's merge does not make ({extra[0]}, ...)"
         )
         return report
+    with_slots = slot_layers(layers)
     with placed_on(model, device):  # once for every run_eager below
         for feed in feeds:
             graph = dict(zip(output_names, debug.run(None, feed)))
             for name, expected in zip(main, shipped.run(None, feed)):
                 report.reproduces &= within(np.abs(graph[name] - expected), expected, tol)
-            slots = [graph[name] for name in slot_layers(layers)]
+            slots = [graph[name] for name in with_slots]
             choices = graph_choices(graph)
             try:
                 forced = run_eager(model, signature, feed, device, forced=slots, forced_choices=choices)
             except DecisionMismatch as mismatch:
                 report.mismatch = str(mismatch)
                 return report
-            _add_layers(report, layers, graph, forced, choices)
+            _add_layers(report, layers, with_slots, graph, forced, choices)
             for name, out in zip(main, forced.outputs):
                 diff = np.abs(out.numpy() - graph[name])
                 report.forced_max_abs = float(np.max([report.forced_max_abs, np.max(diff, initial=0.0)]))
@@ -248,14 +249,13 @@ def explain_with_decisions(
     return report
 
 
-def _add_layers(report: DecisionsReport, layers: list[str], graph: dict, forced, choices) -> None:
-    """Fold one batch's per-layer figures into `report`: `layers` are the deciding layers' names,
-    `graph` the debug graph's outputs by name, `choices` its choices, `forced` the reference's
-    run with them forced."""
+def _add_layers(
+    report: DecisionsReport, layers: list[str], with_slots: list[str], graph: dict, forced, choices
+) -> None:
+    """Fold one batch's per-layer figures into `report`: `layers` are the deciding layers' names
+    (`with_slots` those that have slots), `graph` the debug graph's outputs by name, `choices` its
+    choices, `forced` the reference's run with them forced."""
     flipped = np.zeros(forced.outputs[0].shape[0], dtype=bool)
-    from exporter.decisions import slot_layers
-
-    with_slots = slot_layers(layers)
     for k, name in enumerate(layers):
         figures = report.layer(name)
         if name in with_slots:

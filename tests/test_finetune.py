@@ -116,41 +116,73 @@ def test_training_reads_the_training_split_only_and_never_its_validation_slice(i
     assert record["data"]["train_samples"] == len(splits.train_indices) and record["data"]["test"] == str(idx_data)
 
 
-def test_the_curve_scores_each_kept_epoch_on_the_test_split_after_training(reference_run, tmp_path):
+def test_the_curve_scores_each_kept_epoch_on_the_test_split_after_training(reference_run, tmp_path, monkeypatch):
     """benchmarks.finetune_curve rebuilds the run's student from its command line (random-init
-    teacher drawn alike) and scores before-training and each epoch on the test split."""
-    from safetensors.torch import load_file
+    teacher drawn alike) and scores before-training and each epoch's weights on the test split."""
+    import safetensors.torch
 
     from benchmarks import finetune_curve
 
+    loaded, load = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path: loaded.append(path) or load(path))
     assert finetune_curve.main([str(reference_run), "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert loaded == [str(reference_run / "epochs" / f"epoch-{n}.safetensors") for n in (1, 2)]
     result = json.loads((tmp_path / "out" / "curve.json").read_text())
     assert result["test_samples"] == 24  # the test split (t10k), not the training one
     assert [p["epoch"] for p in result["points"]] == [0, 1, 2] and (tmp_path / "out" / "curve.png").is_file()
     record = json.loads((reference_run / "finetune.json").read_text())
     assert [p["val_accuracy"] for p in result["points"][1:]] == [h["val_accuracy"] for h in record["history"]]
-    student, teacher, score, _ = finetune_curve.scorer(record, threads=1)
-    assert result["unmerged_test_accuracy"] == score(teacher)["test_accuracy"]
-    assert score(teacher)["test_agreement"] == 1.0  # the original agrees with itself: the same teacher as the run's
-    student.load_state_dict(load_file(str(reference_run / "epochs" / "epoch-2.safetensors")))
-    assert result["points"][2]["test_accuracy"] == score(student)["test_accuracy"]
+    run = finetune_curve.scorer(record, threads=1)
+    assert result["unmerged_test_accuracy"] == run.score(run.teacher)["test_accuracy"]
+    assert run.score(run.teacher)["test_agreement"] == 1.0  # the original agrees with itself
 
 
-def test_the_curve_refuses_a_run_without_kept_epochs(reference_run, tmp_path):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_record", "lacks finetune.json"),
+        ("corrupt", "finetune.json cannot be read"),
+        ("a_list", "is not a `pitome-export finetune` record"),
+        ("no_epochs", "lacks kept epochs (run finetune with --keep-epochs)"),
+        ("missing_epoch", "lacks epochs/epoch-2.safetensors"),
+        ("stray_epoch", "weights of no recorded epoch: epochs/epoch-3.safetensors"),
+        ("unparsable", "recorded command line no longer parses"),
+        ("data_gone", "data not found"),
+    ],
+)
+def test_the_curve_refuses_a_run_it_cannot_score_in_one_line(case, message, reference_run, tmp_path):
     import shutil
 
     folder = tmp_path / "run"
-    folder.mkdir()
-    shutil.copy(reference_run / "finetune.json", folder)
-    result = subprocess.run([sys.executable, "-m", "benchmarks.finetune_curve", str(folder)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2 and "lacks epochs/epoch-1.safetensors" in result.stderr, result.stderr
+    shutil.copytree(reference_run, folder)
+    record = json.loads((folder / "finetune.json").read_text())
+    if case == "no_record":
+        (folder / "finetune.json").unlink()
+    elif case in ("corrupt", "a_list"):
+        (folder / "finetune.json").write_text("{not json" if case == "corrupt" else "[]")
+    else:
+        if case == "missing_epoch":
+            (folder / "epochs" / "epoch-2.safetensors").unlink()
+        changed = {"no_epochs": {"epoch_weights": []},
+                   "stray_epoch": {"epoch_weights": [*record["epoch_weights"], "epochs/epoch-3.safetensors"]},
+                   "unparsable": {"command_line": record["command_line"] + " --no-such-flag"},
+                   "data_gone": {"command_line": record["command_line"].replace(record["data"]["test"], str(tmp_path / "gone"))},
+                   }.get(case, {})  # fmt: skip
+        if case == "stray_epoch":
+            shutil.copy(folder / "epochs" / "epoch-2.safetensors", folder / "epochs" / "epoch-3.safetensors")
+        (folder / "finetune.json").write_text(json.dumps({**record, **changed}))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.finetune_curve", str(folder), "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(idx_data, tmp_path, monkeypatch, reference_run):
+    from safetensors.torch import load_file
+
     from pipelines.jobs import interrupts
     from pipelines.jobs.finetune import distill
     from pipelines.jobs.finetune.job import run_finetune
+    from pipelines.learning.loop import CheckpointMismatchError
 
     out = tmp_path / "out"
     loss, calls = distill.Distillation.loss, []
@@ -163,12 +195,17 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(idx_data, tmp_path, 
 
     monkeypatch.setattr(distill.Distillation, "loss", ctrl_c_at_step_7)
     with interrupts.watching(), pytest.raises(KeyboardInterrupt):
-        run_finetune(make_job(idx_data, out), Console(quiet=True))
+        run_finetune(make_job(idx_data, out, keep_epochs=True), Console(quiet=True))
     assert not out.exists() and (tmp_path / "out.partial" / "checkpoint.pt").is_file()
     monkeypatch.setattr(distill.Distillation, "loss", loss)
+    with interrupts.watching(), pytest.raises(CheckpointMismatchError, match="keep_epochs differ"):
+        run_finetune(make_job(idx_data, out), Console(quiet=True))  # epochs kept, then not: refused
     with interrupts.watching():
-        run_finetune(make_job(idx_data, out), Console(quiet=True))  # the same job again: resumes
+        run_finetune(make_job(idx_data, out, keep_epochs=True), Console(quiet=True))  # the same job again: resumes
     assert not (tmp_path / "out.partial").exists()
+    for name in ("epoch-1.safetensors", "epoch-2.safetensors"):  # the epoch before Ctrl-C and the one after
+        kept, expected = (load_file(str(folder / "epochs" / name)) for folder in (out, reference_run))
+        assert all(torch.equal(kept[k], expected[k]) for k in expected)
     expected, resumed = weights(reference_run), weights(out)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -137,6 +137,11 @@ def make_accelerator(cpu: bool):
     return Accelerator(cpu=cpu, rng_types=[], dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
+def epoch_file(checkpoint: Path, epoch: int) -> Path:
+    """Where `LoopSettings.keep_epochs` keeps epoch `epoch`'s weights (1-based): beside the checkpoint."""
+    return checkpoint.with_name(f"epoch-{epoch}.safetensors")
+
+
 def steps_per_epoch(samples: int, batch_size: int) -> int:
     """Whole global batches of an epoch (the remainder waits for another epoch's permutation)."""
     return samples // batch_size
@@ -394,7 +399,7 @@ class Loop:
             from safetensors.torch import save_file
 
             weights = {k: v.contiguous() for k, v in self._weights().items()}
-            atomic_write(self.checkpoint.with_name(f"epoch-{epoch + 1}.safetensors"), lambda t: save_file(weights, t))
+            atomic_write(epoch_file(self.checkpoint, epoch + 1), lambda t: save_file(weights, t))
         if self.main:
             atomic_write_text(self.checkpoint.with_name("history.json"), json.dumps(state.history, indent=2))
         self._print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))

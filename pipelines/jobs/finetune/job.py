@@ -229,7 +229,7 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
     from pipelines.jobs.finetune.data import training_samples
     from pipelines.jobs.finetune.distill import Distillation, LossWeights
     from pipelines.jobs.finetune.recipes import CHECKPOINT_SECONDS
-    from pipelines.learning.loop import LoopSettings, make_accelerator
+    from pipelines.learning.loop import LoopSettings, epoch_file, make_accelerator
     from pipelines.learning.loop import train as run_loop
 
     recipe = setup.recipe
@@ -253,19 +253,21 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
         task.release()
     if not accelerator.is_main_process:
         return None
-    kept = sorted(checkpoint.parent.glob("epoch-*.safetensors"), key=lambda path: int(path.stem.split("-")[1]))
+    kept = [epoch_file(checkpoint, entry["epoch"]) for entry in result.state.history] if job.keep_epochs else []
     return Trained(result, before, teacher, accelerator.num_processes, device_name(accelerator.device), kept)
 
 
 def identity(setup: Setup, job: FinetuneJob) -> dict:
-    """What a checkpoint must have been made by to be resumed: model and weights, schedule, data, recipe."""
+    """What a checkpoint must have been made by to be resumed: model and weights, schedule, data, recipe,
+    and whether every epoch is kept (a run that kept some epochs and not others would be refused by
+    the curve harness, so the flag cannot change mid-run)."""
     from pipelines.jobs.tune.job import weights_digest
 
     return {
         "model": setup.spec.name, "weights": weights_digest(setup.teacher), "merge": setup.student.merge_config,
         "schedule": setup.schedule["merges"], "data": setup.splits.train.description,
         "train_samples": len(setup.splits.train), "validation_samples": len(setup.splits.validation),
-        "recipe": dataclasses.asdict(setup.recipe), "seed": job.seed, "version": 1,
+        "recipe": dataclasses.asdict(setup.recipe), "seed": job.seed, "keep_epochs": job.keep_epochs, "version": 1,
     }  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -130,10 +131,19 @@ def write_training_files(setup: Setup, job: FinetuneJob, trained: Trained, model
     if trained.epoch_files:
         (out / EPOCHS).mkdir()
         for path in trained.epoch_files:
-            shutil.copyfile(path, out / EPOCHS / path.name)
+            link_or_copy(path, out / EPOCHS / path.name)
     atomic_write_text(out / "finetune.json", json.dumps(record, indent=2, default=str))
     draw_curve(record, out / "training.png")
     return record
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (no second copy on disk), else a copy. The
+    source stays: the checkpoint folder must survive a failed export."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def origin_line(record: dict) -> str:
