@@ -16,23 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks.finetune_table import RESULTS
 from benchmarks.records import write_record
 from ops.errors import PitomeError
+from pipelines.jobs.finetune.outputs import published_epoch
+from pipelines.learning.loop import epoch_of_file
 
 if TYPE_CHECKING:
     import torch
 
     from pipelines.jobs.finetune.distill import Distillation
     from pipelines.jobs.finetune.job import FinetuneJob
-
-RESULTS = Path(__file__).resolve().parent / "results" / "finetune"
 
 
 class RunError(Exception):
@@ -54,17 +54,12 @@ def read_record(folder: Path) -> dict:
     if not kept or missing:
         raise RunError(f"{folder} lacks {', '.join(missing) or 'kept epochs (run finetune with --keep-epochs)'}")
     trained = {entry.get("epoch") for entry in record["history"]}
-    strays = [name for name in kept if not re.fullmatch(r"epoch-\d+", Path(name).stem) or epoch_of(name) not in trained]
+    strays = [name for name in kept if epoch_of_file(name) not in trained]
     if strays:
         raise RunError(f"{folder}/finetune.json lists weights of no recorded epoch: {', '.join(strays)}")
     if "val_accuracy" not in record.get("validation_teacher", {}):
         raise RunError(f"{folder} is a feature model's run: this curve scores classifiers (top-1)")
     return record
-
-
-def epoch_of(name: str) -> int:
-    """The epoch of a kept file, `epochs/epoch-N.safetensors` -> N."""
-    return int(Path(name).stem.removeprefix("epoch-"))
 
 
 def job_of(record: dict) -> FinetuneJob:
@@ -142,35 +137,37 @@ def curve(folder: Path, threads: int) -> dict:
     by_epoch = {entry["epoch"]: entry for entry in record["history"]}
     points = [{"epoch": 0, "minutes": 0.0, "val_accuracy": record["validation_before"]["val_accuracy"],
                **run.score(run.student)}]  # fmt: skip
-    for name in sorted(record["epoch_weights"], key=epoch_of):
-        epoch = by_epoch[epoch_of(name)]
+    for name in sorted(record["epoch_weights"], key=epoch_of_file):
+        epoch = by_epoch[epoch_of_file(name)]
         run.student.load_state_dict(load_file(str(folder / name)))
         points.append({"epoch": epoch["epoch"], "minutes": epoch["wall_seconds"] / 60,
                        "val_accuracy": epoch["val_accuracy"], **run.score(run.student)})  # fmt: skip
     return {
         "run": folder.name, "model": run.job.model, "schedule": record["schedule"], "command": record["command_line"],
-        "recipe": record["recipe"], "best_epoch": record["best_epoch"], "test_samples": run.samples,
+        "recipe": record["recipe"], "published_epoch": published_epoch(record),
+        "publish_epoch": record.get("publish_epoch", "best"), "test_samples": run.samples,
         "unmerged_test_accuracy": run.score(run.teacher)["test_accuracy"], "points": points,
         "cpu": record["cpu"], "samples_per_second": record["samples_per_second"],
     }  # fmt: skip
 
 
 def markdown(result: dict, setup: dict) -> str:
-    """curve.md: one row per point, the kept epoch marked, the gap to the original in points."""
+    """curve.md: one row per point, the published epoch marked, the gap to the original in points."""
     original = result["unmerged_test_accuracy"]
     schedule = result["schedule"]
+    how = "the best on its validation slice" if result["publish_epoch"] == "best" else "the last"
     lines = [
         f"# {result['model']} {schedule['algo']} {','.join(map(str, schedule['merges']))}: test accuracy per epoch",
         "",
         f"Run: `{result['command']}` on {result['cpu']} ({result['samples_per_second']:.0f} samples/s); the run "
-        f"kept epoch {result['best_epoch']}, picked on its validation slice. Unmerged original: {original:.2%} on "
+        f"published epoch {result['published_epoch']}, {how}. Unmerged original: {original:.2%} on "
         f"the {result['test_samples']} test samples.",
         "",
         "| epoch | training minutes | validation top-1 | test top-1 | vs original | agreement with original |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
-        chosen = " (kept)" if p["epoch"] == result["best_epoch"] else ""
+        chosen = " (published)" if p["epoch"] == result["published_epoch"] else ""
         lines.append(
             f"| {p['epoch'] or 'before'}{chosen} | {p['minutes']:.1f} | {p['val_accuracy']:.2%} | "
             f"{p['test_accuracy']:.2%} | {100 * (p['test_accuracy'] - original):+.2f} | {p['test_agreement']:.2%} |"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.records import write_record
+from pipelines.jobs.finetune.outputs import published_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune"
 KEPT_FILES = ("finetune.json", "accuracy.json", "bench.json", "report.md", "training.png", "schedule.json")
@@ -116,7 +117,7 @@ def row(run: Run, timings: dict[str, float]) -> dict:
         "speedup_untrained": timings["unmerged"] / timings["untrained"],
         "speedup_finetuned": timings["unmerged"] / timings["fine-tuned"],
         "off_the_shelf": shelf["top1_merged"], "finetuned": tuned["top1_merged"], "original": tuned["top1_unmerged"],
-        "epochs": len(record["history"]), "best_epoch": record["best_epoch"], "train_minutes": record["wall_seconds"] / 60,
+        "epochs": len(record["history"]), "published_epoch": published_epoch(record), "train_minutes": record["wall_seconds"] / 60,
         "samples_per_second": record["samples_per_second"], "test_samples": tuned["samples"],
         "unmerged_finetuned": None,
     }  # fmt: skip
@@ -145,7 +146,7 @@ def markdown(rows: list[dict], setup: dict) -> str:
             f"{r['speedup_untrained']:.2f}x / {r['speedup_finetuned']:.2f}x | {r['off_the_shelf']:.2%} "
             f"({points(r['off_the_shelf'], r['original'])}) | **{r['finetuned']:.2%}** "
             f"({points(r['finetuned'], r['original'])}) | {r['original']:.2%} | {alike} | {r['epochs']} epochs, "
-            f"{r['train_minutes']:.0f} min ({r['samples_per_second']:.0f} samples/s), best epoch {r['best_epoch']} |"
+            f"{r['train_minutes']:.0f} min ({r['samples_per_second']:.0f} samples/s), published epoch {r['published_epoch']} |"
         )
     lines += [
         "",

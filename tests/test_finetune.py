@@ -77,15 +77,40 @@ def reference_run(idx_data, tmp_path_factory):
     return out
 
 
-def test_kept_epochs_are_each_epochs_weights_and_the_best_is_the_published_one(reference_run):
+def kept_epochs(folder) -> list[dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
+    record = json.loads((folder / "finetune.json").read_text())
+    return [load_file(str(folder / name)) for name in record["epoch_weights"]]
+
+
+def test_kept_epochs_are_each_epochs_weights_and_the_last_is_published_by_default(reference_run):
     record = json.loads((reference_run / "finetune.json").read_text())
     assert record["epoch_weights"] == ["epochs/epoch-1.safetensors", "epochs/epoch-2.safetensors"]
-    kept = [load_file(str(reference_run / name)) for name in record["epoch_weights"]]
+    kept = kept_epochs(reference_run)
     assert not all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])  # two epochs, two sets of weights
-    best = kept[record["best_epoch"] - 1]
-    assert all(torch.equal(v, best[k]) for k, v in weights(reference_run).items())
+    assert (record["publish_epoch"], record["published_epoch"]) == ("last", 2)
+    assert all(torch.equal(v, kept[1][k]) for k, v in weights(reference_run).items())
+
+
+def test_publish_epoch_best_publishes_the_best_validation_epoch(idx_data, tmp_path, monkeypatch):
+    """The validation figure is scripted to peak at epoch 1: `--publish-epoch best` must publish
+    epoch 1's weights, not the last's."""
+    from pipelines.jobs import interrupts
+    from pipelines.jobs.finetune import distill
+    from pipelines.jobs.finetune.job import run_finetune
+
+    evaluate, scores = distill.Distillation.evaluate, iter([0.1, 0.1, 0.9, 0.5])  # student, teacher, epochs 1, 2
+    monkeypatch.setattr(distill.Distillation, "evaluate",
+                        lambda self, model: {**evaluate(self, model), "val_accuracy": next(scores)})  # fmt: skip
+    out = tmp_path / "out"
+    with interrupts.watching():
+        run_finetune(make_job(idx_data, out, keep_epochs=True, publish_epoch="best"), Console(quiet=True))
+    record = json.loads((out / "finetune.json").read_text())
+    assert (record["publish_epoch"], record["published_epoch"], record["best_epoch"]) == ("best", 1, 1)
+    kept = kept_epochs(out)
+    assert all(torch.equal(v, kept[0][k]) for k, v in weights(out).items())
+    assert "epoch 1 published, the best on the validation slice" in (out / "report.md").read_text()
 
 
 def test_training_reads_the_training_split_only_and_never_its_validation_slice(idx_data, tmp_path, monkeypatch):
@@ -204,6 +229,8 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(idx_data, tmp_path, 
     monkeypatch.setattr(distill.Distillation, "loss", loss)
     with interrupts.watching(), pytest.raises(CheckpointMismatchError, match="keep_epochs differ"):
         run_finetune(make_job(idx_data, out), Console(quiet=True))  # epochs kept, then not: refused
+    with interrupts.watching(), pytest.raises(CheckpointMismatchError, match="publish_epoch differ"):
+        run_finetune(make_job(idx_data, out, keep_epochs=True, publish_epoch="best"), Console(quiet=True))
     with interrupts.watching():
         run_finetune(make_job(idx_data, out, keep_epochs=True), Console(quiet=True))  # the same job again: resumes
     assert not (tmp_path / "out.partial").exists()
@@ -333,7 +360,9 @@ def test_end_to_end_export_of_the_fine_tuned_model(idx_data, tmp_path):
     assert result.returncode == 0, result.stderr
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "finetune.json", "training.png", "model.onnx", "parity.json", "accuracy.json"} <= names
-    assert "fine-tuned 1 epoch on Fashion-MNIST-style IDX train split" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "fine-tuned 1 epoch on Fashion-MNIST-style IDX train split " in report
+    assert "; the last epoch published (the validation slice's best: epoch 1)" in report
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["samples"] == 24  # the test split (t10k), not the training one
     model = build(str(out / "model.safetensors"))  # what `vit_fmnist --checkpoint` loads
@@ -353,4 +382,7 @@ def test_finetune_flags_default_to_the_job_and_take_every_export_flag():
     args = build_parser().parse_args(["finetune", "m", "--precision", "int8", "--lr", "1e-4", "--freeze", "none"])
     job = FinetuneJob(**job_fields(args, FinetuneJob, "finetune"))
     assert (job.precision, job.recipe("vision").lr, job.recipe("text").freeze) == ("int8", 1e-4, ())
+    assert job.publish_epoch == "last"
+    args = build_parser().parse_args(["finetune", "m", "--publish-epoch", "best"])
+    assert FinetuneJob(**job_fields(args, FinetuneJob, "finetune")).publish_epoch == "best"
     assert job.recipe("vision").batch_size == RECIPES["vision"].batch_size

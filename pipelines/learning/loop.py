@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import random
+import re
 import signal
 import threading
 import time
@@ -61,7 +62,8 @@ class LoopSettings:
     seed: int = 0
     checkpoint_seconds: float = 300.0
     max_grad_norm: float | None = None
-    select: str | None = None  # the `evaluate` figure (higher is better) that picks the best epoch; None: the last
+    select: str | None = None  # the `evaluate` figure (higher is better) that ranks epochs (best_epoch, best_value)
+    publish: str = "last"  # whose weights the run returns: the "last" epoch's, or the "best" by `select`
     keep_epochs: bool = False  # also keep each epoch's weights (`epoch-N.safetensors` beside the checkpoint)
 
 
@@ -94,10 +96,11 @@ class LoopState:
 
 @dataclass
 class LoopResult:
-    """The finished run: its counters and the weights of the epoch chosen by `LoopSettings.select`."""
+    """The finished run: its counters and the weights of the epoch `LoopSettings.publish` chose."""
 
     state: LoopState
-    best_weights: dict[str, torch.Tensor] | None  # the main process only; None elsewhere
+    weights: dict[str, torch.Tensor] | None  # the main process only; None elsewhere
+    epoch: int  # whose weights they are (1-based)
 
 
 class SeededOrder(torch.utils.data.Sampler):
@@ -140,6 +143,12 @@ def make_accelerator(cpu: bool):
 def epoch_file(checkpoint: Path, epoch: int) -> Path:
     """Where `LoopSettings.keep_epochs` keeps epoch `epoch`'s weights (1-based): beside the checkpoint."""
     return checkpoint.with_name(f"epoch-{epoch}.safetensors")
+
+
+def epoch_of_file(path: str | Path) -> int | None:
+    """The epoch of a file `epoch_file` names (`epoch-N.safetensors` -> N); None for any other name."""
+    match = re.fullmatch(r"epoch-(\d+)\.safetensors", Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -217,7 +226,7 @@ class Loop:
         self.order = SeededOrder(len(self.samples), s.seed)
         batches = torch.utils.data.BatchSampler(self.order, s.batch_size, drop_last=True)
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=batches, collate_fn=already_batched)
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None  # publish="best": the best epoch's so far
         self._resume()
         self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, loader)
         if self._saved is not None:
@@ -273,13 +282,13 @@ class Loop:
         self.accelerator.wait_for_everyone()
 
     def run(self) -> LoopResult:
-        """Train the epochs left, then return the result (`best_weights` on the main process)."""
+        """Train the epochs left, then return the result (the published weights on the main process)."""
         with self._progress() as progress, StopRequests().installed() as stops:
             for epoch in range(self.state.epoch, self.settings.epochs):
                 self._epoch(epoch, progress, stops)
-        if self.best_weights is None and self.main:  # no selection figure: the last epoch's weights
-            self.best_weights = self._weights()
-        return LoopResult(self.state, self.best_weights if self.main else None)
+        if self.settings.publish == "best":
+            return LoopResult(self.state, self.best_weights if self.main else None, self.state.best_epoch)
+        return LoopResult(self.state, self._weights() if self.main else None, self.state.epoch)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -379,8 +388,18 @@ class Loop:
             stats=f"step {state.step}/{self.steps} · loss {loss:.4f} · {rate:.0f} samples/s",
         )  # fmt: skip
 
+    def _rank_epoch(self, epoch: int, figures: dict[str, float]) -> None:
+        """Record the epoch as the best so far when its `select` figure is; under publish="best",
+        hold its weights."""
+        state, select = self.state, self.settings.select
+        if select is None or (state.best_value is not None and figures[select] <= state.best_value):
+            return
+        state.best_epoch, state.best_value = epoch + 1, figures[select]
+        if self.settings.publish == "best":
+            self.best_weights = self._weights() if self.main else None
+
     def _finish_epoch(self, epoch: int) -> None:
-        """Evaluate, record the epoch, keep the best weights, checkpoint."""
+        """Evaluate, record and rank the epoch, keep its weights where asked, checkpoint."""
         began = time.perf_counter()
         figures = self.task.evaluate(self.accelerator.unwrap_model(self.model))
         self.model.train()
@@ -391,10 +410,7 @@ class Loop:
                  "wall_seconds": state.wall_seconds, "samples_per_second": state.samples / max(1e-9, state.step_seconds)}  # fmt: skip
         state.history.append(entry)
         state.epoch, state.step, state.sums = epoch + 1, 0, {}
-        select = self.settings.select
-        if select is not None and (state.best_value is None or figures[select] > state.best_value):
-            state.best_epoch, state.best_value = epoch + 1, figures[select]
-            self.best_weights = self._weights() if self.main else None
+        self._rank_epoch(epoch, figures)
         if self.settings.keep_epochs and self.main:
             from safetensors.torch import save_file
 
@@ -423,6 +439,8 @@ def train(
     if settings.batch_size % accelerator.num_processes:
         raise PitomeError(f"the batch of {settings.batch_size} does not split into {accelerator.num_processes} "
                           "processes: pass a multiple of the process count")  # fmt: skip
+    if settings.publish not in ("last", "best") or (settings.publish == "best" and settings.select is None):
+        raise PitomeError(f"publish={settings.publish!r}: the last epoch, or the best by a `select` figure")
     if steps_per_epoch(len(samples), settings.batch_size) < 1:
         raise PitomeError(f"{len(samples)} training samples make no batch of {settings.batch_size}")
     loop = Loop(model, task, samples, settings, checkpoint, copy.deepcopy(identity), accelerator, console)

@@ -103,8 +103,8 @@ def train(args: argparse.Namespace, console) -> dict:
     result = run_loop(model, Classification(test_x, test_y), samples, settings, out / "last.pt", identity,
                       make_accelerator(cpu=True), console)  # fmt: skip
     history = result.state.history
-    if result.best_weights is not None and history and history[-1]["epoch"] == args.epochs:
-        model.load_state_dict(result.best_weights)
+    if result.weights is not None and history and history[-1]["epoch"] == args.epochs:
+        model.load_state_dict(result.weights)
         _finish(model, history, args, out)
     return {"history": history}
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ops.errors import PitomeError
 from pipelines.jobs import options
 from pipelines.jobs.export_job import ExportJob
-from pipelines.jobs.finetune.recipes import defaults_text
+from pipelines.jobs.finetune.recipes import VALIDATION_MAX, defaults_text
 from pipelines.jobs.options import option
 
 if TYPE_CHECKING:
@@ -84,6 +84,12 @@ class FinetuneJob(ExportJob):
         "--keep-epochs", default=False, group="training", action="store_true", commands=FINETUNE,
         help="also keep every epoch's weights (epochs/epoch-N.safetensors, the merged student's state dict): "
         "`python -m benchmarks.finetune_curve DIR` scores them on the test split after training",
+    )  # fmt: skip
+    publish_epoch: str = option(
+        "--publish-epoch", default="last", group="training", choices=("last", "best"), commands=FINETUNE,
+        help="whose weights are published and exported: the last epoch's, where the cosine decay ends (default), "
+        f"or the epoch's with the best validation figure; the slice is small (at most {VALIDATION_MAX:,} samples), so "
+        "its best epoch is often not the test split's best (docs/finetune.md)",
     )  # fmt: skip
     export: bool = option("--no-export", default=True, group="training", action="store_false", commands=FINETUNE,
                           help="stop after training: the weights, finetune.json and the curve")  # fmt: skip
@@ -242,7 +248,7 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
     settings = LoopSettings(
         epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
         seed=job.seed, checkpoint_seconds=CHECKPOINT_SECONDS, max_grad_norm=recipe.max_grad_norm, select=task.select,
-        keep_epochs=job.keep_epochs,
+        publish=job.publish_epoch, keep_epochs=job.keep_epochs,
     )  # fmt: skip
     samples = training_samples(setup.splits.train, recipe.augment and setup.spec.kind != "text", job.seed)
     try:
@@ -259,15 +265,17 @@ def train(setup: Setup, job: FinetuneJob, checkpoint: Path, console) -> Trained 
 
 def identity(setup: Setup, job: FinetuneJob) -> dict:
     """What a checkpoint must have been made by to be resumed: model and weights, schedule, data, recipe,
-    and whether every epoch is kept (a run that kept some epochs and not others would be refused by
-    the curve harness, so the flag cannot change mid-run)."""
+    whether every epoch is kept (a run that kept some epochs and not others would be refused by
+    the curve harness, so the flag cannot change mid-run) and which epoch is published (a run that
+    switched to the best epoch midway would not hold the best weights of the epochs before)."""
     from pipelines.jobs.tune.job import weights_digest
 
     return {
         "model": setup.spec.name, "weights": weights_digest(setup.teacher), "merge": setup.student.merge_config,
         "schedule": setup.schedule["merges"], "data": setup.splits.train.description,
         "train_samples": len(setup.splits.train), "validation_samples": len(setup.splits.validation),
-        "recipe": dataclasses.asdict(setup.recipe), "seed": job.seed, "keep_epochs": job.keep_epochs, "version": 1,
+        "recipe": dataclasses.asdict(setup.recipe), "seed": job.seed, "keep_epochs": job.keep_epochs,
+        "publish_epoch": job.publish_epoch, "version": 2,
     }  # fmt: skip
 
 
@@ -277,7 +285,7 @@ def publish(setup: Setup, job: FinetuneJob, trained: Trained, console) -> tuple[
     from pipelines.jobs.finetune import outputs
 
     def build(out: Path) -> dict | None:
-        model = outputs.fine_tuned_model(setup.student, trained.result.best_weights)
+        model = outputs.fine_tuned_model(setup.student, trained.result.weights)
         record = outputs.write_training_files(setup, job, trained, model, out)
         summary = (
             export_fine_tuned(setup, job, model, outputs.origin_line(record), out, console) if job.export else None

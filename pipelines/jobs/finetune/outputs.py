@@ -25,11 +25,11 @@ HF_WEIGHTS = "weights"  # Hugging Face models: a save_pretrained folder, what `-
 EPOCHS = "epochs"  # --keep-epochs: each epoch's state dict of the merged student
 
 
-def fine_tuned_model(student: torch.nn.Module, best_weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The student with the chosen epoch's weights, unpatched: the stock model, on the CPU."""
+def fine_tuned_model(student: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The student with the published epoch's weights, unpatched: the stock model, on the CPU."""
     from ops import unpatch_model
 
-    student.load_state_dict(best_weights)
+    student.load_state_dict(weights)
     return unpatch_model(student).cpu().eval()
 
 
@@ -116,7 +116,9 @@ def training_record(setup: Setup, job: FinetuneJob, trained: Trained, weights: s
         "validation_teacher": trained.teacher,
         "history": state.history,
         "curve": state.curve,
-        "best_epoch": state.best_epoch,
+        "publish_epoch": job.publish_epoch,  # how the published epoch was chosen: "last" or "best"
+        "published_epoch": trained.result.epoch,
+        "best_epoch": state.best_epoch,  # the best on the validation slice, published or not
         "best_value": state.best_value,
         "wall_seconds": state.wall_seconds,
         "samples_per_second": state.samples / max(1e-9, state.step_seconds),
@@ -149,9 +151,21 @@ def link_or_copy(source: Path, target: Path) -> None:
 def origin_line(record: dict) -> str:
     """Where the exported weights came from, for the export report's first line."""
     epochs = len(record["history"])
-    best = f", best epoch {record['best_epoch']} on the validation slice" if record["best_epoch"] else ""
-    return (f"fine-tuned {epochs} epoch{'s' if epochs != 1 else ''} on {record['data']['train']}{best} "
-            f"({record['weights']}, finetune.json), from {record['teacher_weights']}")  # fmt: skip
+    return (f"fine-tuned {epochs} epoch{'s' if epochs != 1 else ''} on {record['data']['train']} from "
+            f"{record['teacher_weights']} ({record['weights']}, finetune.json); {published_text(record)}")  # fmt: skip
+
+
+def published_epoch(record: dict) -> int:
+    """The epoch whose weights a finetune.json's run published; records written before
+    `--publish-epoch` existed published the validation slice's best."""
+    return record.get("published_epoch", record["best_epoch"])
+
+
+def published_text(record: dict) -> str:
+    """Which epoch's weights were published, and why."""
+    if record["publish_epoch"] == "best":
+        return f"epoch {record['published_epoch']} published, the best on the validation slice"
+    return f"the last epoch published (the validation slice's best: epoch {record['best_epoch']})"
 
 
 def _figure(record: dict) -> str:
@@ -197,16 +211,17 @@ def training_markdown(record: dict) -> str:
         f"weight decay {recipe['weight_decay']:g}, batch {recipe['batch_size']}, {recipe['epochs']} epochs, "
         f"augmentation {'shifts and flips' if recipe['augment'] else 'none'}, frozen: "
         f"{', '.join(recipe['frozen_parameters']) or 'nothing'}",
-        f"- data: {data['train']}; best epoch picked on the {data['validation']}; the test split "
+        f"- data: {data['train']}; scored each epoch on the {data['validation']}; the test split "
         f"({data['test'] or 'none'}) was not seen in training",
+        f"- weights: {published_text(record)}",
         f"- {record['processes']} process(es) on {record['device']}, {record['wall_seconds'] / 60:.1f} minutes, "
         f"{record['samples_per_second']:.0f} samples/s",
         "",
         f"| epoch | training loss | {figure} | wall minutes |",
         "|---:|---:|---:|---:|",
         f"| before | | {100 * record['validation_before'][figure]:.2f}% | |",
-        *(f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h[figure]:.2f}% | {h['wall_seconds'] / 60:.1f} |"
-          for h in record["history"]),
+        *(f"| {h['epoch']}{' (published)' if h['epoch'] == record['published_epoch'] else ''} | "
+          f"{h['train_loss']:.4f} | {100 * h[figure]:.2f}% | {h['wall_seconds'] / 60:.1f} |" for h in record["history"]),
         f"| unmerged teacher | | {100 * record['validation_teacher'][figure]:.2f}% | |",
         "",
     ]  # fmt: skip
