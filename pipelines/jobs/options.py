@@ -210,6 +210,11 @@ def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "expected a positive integer")
 
 
+def seed(text: str) -> int:
+    """argparse type: a random seed, an integer in [0, 2**32)."""
+    return _number(text, int, lambda v: 0 <= v < 2**32, "expected a seed, an integer in [0, 2**32)")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     return _number(text, float, lambda v: 0.0 < v < float("inf"), "expected a positive number")

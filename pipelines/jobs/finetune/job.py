@@ -91,6 +91,11 @@ class FinetuneJob(ExportJob):
         f"or the epoch's with the best validation figure; the slice is small (at most {VALIDATION_MAX:,} samples), so "
         "its best epoch is often not the test split's best (docs/finetune.md)",
     )  # fmt: skip
+    seed: int = option(
+        "--seed", default=0, group="training", type=options.seed, commands=FINETUNE,
+        help="seeds the validation slice, the data order, augmentation and dropout: the same seed gives the same "
+        "run, another seed another run of the same recipe, to see how far two runs differ (default 0)",
+    )  # fmt: skip
     export: bool = option("--no-export", default=True, group="training", action="store_false", commands=FINETUNE,
                           help="stop after training: the weights, finetune.json and the curve")  # fmt: skip
 
