@@ -305,6 +305,8 @@ BAD_INPUTS = {
     "epochs 0": (lambda d, b: ["--epochs", "0"], "expected a positive integer"),
     "lr 0": (lambda d, b: ["--lr", "0"], "expected a positive number"),
     "lr negative": (lambda d, b: ["--lr=-1e-4"], "expected a positive number"),
+    "seed negative": (lambda d, b: ["--seed=-1"], "expected a seed"),
+    "publish an unknown epoch": (lambda d, b: ["--publish-epoch", "first"], "invalid choice: 'first'"),
     "teacher that does not load": (
         lambda d, b: ["--checkpoint", str(b / "broken.safetensors")],
         "cannot read checkpoint",
@@ -383,6 +385,7 @@ def test_finetune_flags_default_to_the_job_and_take_every_export_flag():
     job = FinetuneJob(**job_fields(args, FinetuneJob, "finetune"))
     assert (job.precision, job.recipe("vision").lr, job.recipe("text").freeze) == ("int8", 1e-4, ())
     assert job.publish_epoch == "last"
-    args = build_parser().parse_args(["finetune", "m", "--publish-epoch", "best"])
-    assert FinetuneJob(**job_fields(args, FinetuneJob, "finetune")).publish_epoch == "best"
+    args = build_parser().parse_args(["finetune", "m", "--publish-epoch", "best", "--seed", "3"])
+    job = FinetuneJob(**job_fields(args, FinetuneJob, "finetune"))
+    assert (job.publish_epoch, job.seed) == ("best", 3)
     assert job.recipe("vision").batch_size == RECIPES["vision"].batch_size
