@@ -185,12 +185,16 @@ def test_random_init_report_says_so_first(tmp_path):
 
 
 def test_parity_failure_exits_3(tmp_path, monkeypatch, checkpoint):
+    """A bound no output can meet (atol < 0): exit 3, the folder kept for inspection. Unmerged
+    (--ratio 1), so the failure is the outputs' alone and no decision graph is exported."""
     from exporter import parity
     from pipelines.cli import commands as cli_module
 
-    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerances(atol=0.0, rtol=0.0, min_top1=1.0))
-    code = cli_module.main(["test_vit", "--checkpoint", str(checkpoint), "--no-bench", "-o", str(tmp_path / "o")])
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerances(atol=-1.0, rtol=0.0, min_top1=1.0))
+    out = tmp_path / "o"
+    code = cli_module.main(["test_vit", "--checkpoint", str(checkpoint), "--ratio", "1", "--no-bench", "-o", str(out)])
     assert code == 3
+    assert not json.loads((out / "parity.json").read_text())["passed"]
 
 
 def test_ctrl_c_leaves_nothing_behind(tmp_path):

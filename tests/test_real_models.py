@@ -99,35 +99,32 @@ def test_minilm_sentiment_end_to_end(tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
-CARD_SAMPLES = 1000  # the test images the figures beside the shipped weights were recorded on
+@needs_fashion_mnist
+def test_vit_fmnist_accuracy_matches_its_card(tmp_path):
+    """The shipped checkpoint through the CLI: 1,000 test images, unmerged and PiToMe 0.9 in ONNX
+    Runtime, each within 0.5 points of the figures recorded beside the weights."""
+    from pipelines.models.vit_fmnist import ASSETS
+
+    recorded = json.loads((ASSETS / "check.json").read_text())
+    out = tmp_path / "fm"
+    result = cli("vit_fmnist", "--ratio", "0.9", "--data", "fashion-mnist", "--limit", str(recorded["samples"]),
+                 "--no-bench", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    assert accuracy["samples"] == recorded["samples"] == 1000
+    assert abs(accuracy["top1_unmerged"] - recorded["top1_unmerged"]) <= 0.005
+    assert abs(accuracy["top1_merged"] - recorded["top1_merged"]) <= 0.005
+    assert recorded["top1_unmerged"] > 0.85  # a trained model, not a placeholder
 
 
 @pytest.fixture(scope="module")
 def vit_fmnist_int8(tmp_path_factory):
-    """`pitome-export vit_fmnist --ratio 0.9 --precision int8 --limit 1000 --no-bench`, run once:
-    (result, folder). Three tests read it: the weights' card (its FP32 graphs), the CLI's INT8
-    acceptance and `make accuracy`'s INT8 point."""
+    """`pitome-export vit_fmnist --ratio 0.9 --precision int8 --limit 300 --no-bench`, run once:
+    (result, folder). Two tests read it: the CLI's acceptance and `make accuracy`'s INT8 point."""
     out = tmp_path_factory.mktemp("fm") / "fm-int8"
-    result = cli("vit_fmnist", "--ratio", "0.9", "--precision", "int8", "--limit", str(CARD_SAMPLES), "--no-bench",
-                 "-o", str(out))  # fmt: skip
+    result = cli("vit_fmnist", "--ratio", "0.9", "--precision", "int8", "--limit", "300", "--no-bench", "-o", str(out))
     return result, out
-
-
-@needs_fashion_mnist
-def test_vit_fmnist_accuracy_matches_its_card(vit_fmnist_int8):
-    """The shipped checkpoint through the CLI: 1,000 test images, the unmerged and the PiToMe 0.9
-    FP32 graphs in ONNX Runtime, each within 0.5 points of the figures recorded beside the weights."""
-    from pipelines.models.vit_fmnist import ASSETS
-
-    recorded = json.loads((ASSETS / "check.json").read_text())
-    result, out = vit_fmnist_int8
-    assert result.returncode == 0, result.stderr[-2000:]
-    accuracy = json.loads((out / "accuracy.json").read_text())
-    assert json.loads((out / "parity.json").read_text())["passed"]
-    assert accuracy["samples"] == recorded["samples"] == CARD_SAMPLES
-    assert abs(accuracy["top1_unmerged"] - recorded["top1_unmerged"]) <= 0.005  # the unmerged graph is FP32
-    assert abs(accuracy["top1"]["merged fp32"] - recorded["top1_merged"]) <= 0.005
-    assert recorded["top1_unmerged"] > 0.85  # a trained model, not a placeholder
 
 
 @needs_fashion_mnist
@@ -139,7 +136,7 @@ def test_vit_fmnist_int8_is_accepted_by_accuracy_on_the_data_it_names(vit_fmnist
     assert "accuracy data: fashion-mnist" in result.stdout
     agreement = json.loads((out / "parity.json").read_text())["precision"]["agreement"]
     assert agreement["decided_by"] == "accuracy" and agreement["passed"]
-    assert agreement["accuracy"]["samples"] == CARD_SAMPLES and "Fashion-MNIST" in agreement["accuracy"]["data"]
+    assert agreement["accuracy"]["samples"] == 300 and "Fashion-MNIST" in agreement["accuracy"]["data"]
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert agreement["accuracy"]["top1_reduced"] == accuracy["top1_merged"]
     assert agreement["accuracy"]["top1_fp32"] == accuracy["top1"]["merged fp32"]
@@ -163,12 +160,10 @@ def test_accuracy_experiment_int8_point(vit_fmnist_int8, tmp_path, monkeypatch):
     monkeypatch.setattr("pipelines.jobs.export_job.run_job", lambda job, console: ran.append(job))
     read = accuracy.read_int8_point
     monkeypatch.setattr(accuracy, "read_int8_point", lambda out, ratio: read(vit_fmnist_int8[1], ratio))
-    point = accuracy.int8_point("vit_fmnist", exp, "dynamic", "int8", tmp_path, CARD_SAMPLES, Console(quiet=True))
-    assert [(job.resolved_int8_mode(), job.resolved_ffn_out(), job.limit) for job in ran] == [
-        ("dynamic", "int8", CARD_SAMPLES)
-    ]  # fmt: skip
+    point = accuracy.int8_point("vit_fmnist", exp, "dynamic", "int8", tmp_path, 300, Console(quiet=True))
+    assert [(job.resolved_int8_mode(), job.resolved_ffn_out(), job.limit) for job in ran] == [("dynamic", "int8", 300)]
     assert point["mode"] == "dynamic" and point["ffn_out"] == "int8" and point["ratio"] == 0.9
-    assert point["samples"] == CARD_SAMPLES
+    assert point["samples"] == 300
     assert point["top1_unmerged_fp32"] > 0.75 and point["top1_merged_int8"] > 0.5
     assert len(point["decision_agreement_per_layer"]) == 12  # one figure per merging layer
     assert all(0.0 <= v <= 1.0 for v in point["decision_agreement_per_layer"].values())
