@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from benchmarks.finetune_table import RESULTS
 from benchmarks.records import write_record
 from ops.errors import PitomeError
-from pipelines.jobs.finetune.outputs import published_epoch
+from pipelines.jobs.finetune.outputs import published_epoch, published_text
 from pipelines.learning.loop import epoch_of_file
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def curve(folder: Path, threads: int) -> dict:
     return {
         "run": folder.name, "model": run.job.model, "schedule": record["schedule"], "command": record["command_line"],
         "recipe": record["recipe"], "published_epoch": published_epoch(record),
-        "publish_epoch": record.get("publish_epoch", "best"), "test_samples": run.samples,
+        "published": published_text(record), "test_samples": run.samples,
         "unmerged_test_accuracy": run.score(run.teacher)["test_accuracy"], "points": points,
         "cpu": record["cpu"], "samples_per_second": record["samples_per_second"],
     }  # fmt: skip
@@ -155,12 +155,11 @@ def markdown(result: dict, setup: dict) -> str:
     """curve.md: one row per point, the published epoch marked, the gap to the original in points."""
     original = result["unmerged_test_accuracy"]
     schedule = result["schedule"]
-    how = "the best on its validation slice" if result["publish_epoch"] == "best" else "the last"
     lines = [
         f"# {result['model']} {schedule['algo']} {','.join(map(str, schedule['merges']))}: test accuracy per epoch",
         "",
-        f"Run: `{result['command']}` on {result['cpu']} ({result['samples_per_second']:.0f} samples/s); the run "
-        f"published epoch {result['published_epoch']}, {how}. Unmerged original: {original:.2%} on "
+        f"Run: `{result['command']}` on {result['cpu']} ({result['samples_per_second']:.0f} samples/s); "
+        f"{result['published']}. Unmerged original: {original:.2%} on "
         f"the {result['test_samples']} test samples.",
         "",
         "| epoch | training minutes | validation top-1 | test top-1 | vs original | agreement with original |",

@@ -36,7 +36,6 @@ SCATTER_CASES = {  # each also stands for its model and algo at r0.9 with the ma
 CI_CASES = {  # every model with every algo once, both lowerings, ratios and explicit schedules
     *((m, a, "r0.9", "matmul") for m in MODELS for a in ALGOS if (m, a) not in {c[:2] for c in SCATTER_CASES}),
     *SCATTER_CASES,
-    ("deit", "pitome", "r0.9", "matmul"),  # the shared export (SHARED_CASE) beside the explicit one
     ("deit", "pitome", "explicit", "scatter"),
 }
 

@@ -155,16 +155,21 @@ def origin_line(record: dict) -> str:
             f"{record['teacher_weights']} ({record['weights']}, finetune.json); {published_text(record)}")  # fmt: skip
 
 
+def publish_rule(record: dict) -> str:
+    """How a finetune.json's run chose the epoch it published, "last" or "best"; records written
+    before `--publish-epoch` existed published the validation slice's best."""
+    return record.get("publish_epoch", "best")
+
+
 def published_epoch(record: dict) -> int:
-    """The epoch whose weights a finetune.json's run published; records written before
-    `--publish-epoch` existed published the validation slice's best."""
+    """The epoch whose weights a finetune.json's run published (older records: see `publish_rule`)."""
     return record.get("published_epoch", record["best_epoch"])
 
 
 def published_text(record: dict) -> str:
     """Which epoch's weights were published, and why."""
-    if record["publish_epoch"] == "best":
-        return f"epoch {record['published_epoch']} published, the best on the validation slice"
+    if publish_rule(record) == "best":
+        return f"epoch {published_epoch(record)} published, the best on the validation slice"
     return f"the last epoch published (the validation slice's best: epoch {record['best_epoch']})"
 
 
