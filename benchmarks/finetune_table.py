@@ -38,6 +38,7 @@ class Run:
     model: str
     finetuned: Path
     shelf: Path
+    schedule: dict  # the schedule.json both merged graphs share
     unmerged_finetuned: Path | None = None
 
     @property
@@ -61,24 +62,23 @@ def parse_run(text: str) -> Run:
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise argparse.ArgumentTypeError(f"{path} lacks {', '.join(missing)}")
-    run = Run(model, *paths)
-    same_schedule(run)
-    return run
+    finetuned, shelf, *unmerged = paths
+    return Run(model, finetuned, shelf, same_schedule(finetuned, shelf), *unmerged)
 
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def same_schedule(run: Run) -> dict:
+def same_schedule(finetuned: Path, shelf_folder: Path) -> dict:
     """The schedule both merged graphs were exported with; refused if they differ."""
     try:
-        tuned, shelf = (read_json(folder / "schedule.json") for folder in (run.finetuned, run.shelf))
+        tuned, shelf = (read_json(folder / "schedule.json") for folder in (finetuned, shelf_folder))
         differ = any(tuned.get(key) != shelf.get(key) for key in ("algo", "merges", "prop_attn"))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise argparse.ArgumentTypeError(f"{run.name}: a schedule.json is not a schedule ({error})") from None
+        raise argparse.ArgumentTypeError(f"{finetuned.name}: a schedule.json is not a schedule ({error})") from None
     if differ:
-        raise argparse.ArgumentTypeError(f"{run.shelf} was exported with another schedule than {run.finetuned}")
+        raise argparse.ArgumentTypeError(f"{shelf_folder} was exported with another schedule than {finetuned}")
     return tuned
 
 
@@ -110,7 +110,7 @@ def row(run: Run, timings: dict[str, float]) -> dict:
     """Everything the table shows of one run."""
     tuned, shelf = (read_json(folder / "accuracy.json") for folder in (run.finetuned, run.shelf))
     record = read_json(run.finetuned / "finetune.json")
-    schedule = same_schedule(run)
+    schedule = run.schedule
     out = {
         "run": run.name, "model": run.model, "algo": schedule.get("algo"), "merges": schedule.get("merges"),
         "command": record["command_line"], "block_flop_speedup": read_json(run.finetuned / "bench.json")["block_flop_speedup"],

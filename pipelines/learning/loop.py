@@ -388,18 +388,17 @@ class Loop:
             stats=f"step {state.step}/{self.steps} · loss {loss:.4f} · {rate:.0f} samples/s",
         )  # fmt: skip
 
-    def _rank_epoch(self, epoch: int, figures: dict[str, float]) -> None:
-        """Record the epoch as the best so far when its `select` figure is; under publish="best",
-        hold its weights."""
+    def _rank_epoch(self, epoch: int, figures: dict[str, float]) -> bool:
+        """Record the epoch as the best so far when its `select` figure is; whether it was."""
         state, select = self.state, self.settings.select
         if select is None or (state.best_value is not None and figures[select] <= state.best_value):
-            return
+            return False
         state.best_epoch, state.best_value = epoch + 1, figures[select]
-        if self.settings.publish == "best":
-            self.best_weights = self._weights() if self.main else None
+        return True
 
     def _finish_epoch(self, epoch: int) -> None:
-        """Evaluate, record and rank the epoch, keep its weights where asked, checkpoint."""
+        """Evaluate, record and rank the epoch, keep its weights where asked (one copy serves the held
+        best and the epoch file), checkpoint."""
         began = time.perf_counter()
         figures = self.task.evaluate(self.accelerator.unwrap_model(self.model))
         self.model.train()
@@ -410,12 +409,15 @@ class Loop:
                  "wall_seconds": state.wall_seconds, "samples_per_second": state.samples / max(1e-9, state.step_seconds)}  # fmt: skip
         state.history.append(entry)
         state.epoch, state.step, state.sums = epoch + 1, 0, {}
-        self._rank_epoch(epoch, figures)
+        hold = self._rank_epoch(epoch, figures) and self.settings.publish == "best"
+        weights = self._weights() if self.main and (hold or self.settings.keep_epochs) else None
+        if hold:
+            self.best_weights = weights
         if self.settings.keep_epochs and self.main:
             from safetensors.torch import save_file
 
-            weights = {k: v.contiguous() for k, v in self._weights().items()}
-            atomic_write(epoch_file(self.checkpoint, epoch + 1), lambda t: save_file(weights, t))
+            atomic_write(epoch_file(self.checkpoint, epoch + 1),
+                         lambda t: save_file({k: v.contiguous() for k, v in weights.items()}, t))  # fmt: skip
         if self.main:
             atomic_write_text(self.checkpoint.with_name("history.json"), json.dumps(state.history, indent=2))
         self._print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
