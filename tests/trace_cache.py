@@ -16,16 +16,20 @@ The key (tests/test_trace_cache.py changes each part and checks that the key fol
   buffer, persistent or not, by dtype, shape and bytes;
 - the source files of `ops` and `exporter`, the code as written;
 - every module-level name changed since its module was imported (monkeypatch.setattr, setitem,
-  delattr; a name added counts too): in every module of `ops` and `exporter` (functions,
-  constants, the attributes of the classes they define, their module-level dicts), in `torch`,
-  `torch.nn.functional`, `torch.onnx`, `torch.Tensor` and the torch.nn classes of the tree, and
-  in the timm and transformers modules that define the tree's classes. A changed value enters by
+  delattr; a name added counts too): in every module of `ops` and in each `exporter` module the
+  trace can run (`exporter.onnx_export`, which runs it, the modules of the tree's classes and of
+  the translation functions, and every project module these import, at module level or inside a
+  function, or hold a name of), functions, constants, the attributes of the classes they define
+  and their module-level dicts; in `torch`, `torch.nn.functional`, `torch.onnx`, `torch.Tensor`
+  and the torch.nn classes of the tree; in the timm and transformers modules that define the
+  tree's classes. A class's memo (copyreg's `__slotnames__`) is no change. A changed value enters by
   content (functions by code, defaults and closure; classes by their attributes; constants by
   value), so two processes that made the same change agree on the key;
 - the example inputs (dtype, shape, bytes) and the export arguments (a translation table by the
   code of its functions).
 
-Not covered: other modules' names (numpy, onnx, the rest of torch); a function whose code or
+Not covered: other modules' names (numpy, onnx, the rest of torch); an `exporter` module reached
+only through a name built at run time (importlib, getattr on a package); a function whose code or
 defaults are replaced on the function object itself; lists and sets changed in place, and dicts
 inside other values; a module's `__dunder__` names and its submodule attributes (the import
 system and `warnings` change those). A change made to a module before this file was imported,
@@ -36,6 +40,7 @@ that the pytest-xdist workers share.
 
 from __future__ import annotations
 
+import ast
 import enum
 import functools
 import hashlib
@@ -57,6 +62,7 @@ PROJECT_PACKAGES = ("ops", "exporter")  # all their modules' state enters the ke
 TRACED_PACKAGES = (*PROJECT_PACKAGES, "timm", "transformers")  # whose classes enter by code
 TORCH_MODULES = ("torch", "torch.nn.functional", "torch.onnx")
 TENSOR_UNIT = f"{torch.Tensor.__module__}.{torch.Tensor.__qualname__}"  # every trace calls its methods
+TRACE_CALLER = "exporter.onnx_export"  # runs the trace: its wrappers and lowerings
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 _SKIPPED_ATTRIBUTES = ("_parameters", "_buffers", "_modules", "training")
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device)
@@ -145,8 +151,9 @@ def _function_digest(value: object, digest: _Digest) -> None:
 def _memo(name: str) -> bool:
     """A class attribute a library sets to remember what it computed about the class
     (transformers' `_can_set_attn_implementation_cached_value`, written the first time a model
-    of the class checks it): present or not, the class computes the same."""
-    return name.endswith("_cached_value")
+    of the class checks it; copyreg's `__slotnames__`, written on the first copy or pickle of an
+    instance): present or not, the class computes the same."""
+    return name.endswith("_cached_value") or name == "__slotnames__"
 
 
 def _class_digest(cls: type, digest: _Digest) -> None:
@@ -248,6 +255,8 @@ class _Recorded(NamedTuple):
         that its lazy import binds on first access (`transformers.BertConfig`, once some test
         has read it) to an object of the library itself."""
         if isinstance(value, TraceCache) or isinstance(recorded, TraceCache):
+            return False
+        if isinstance(self.namespace, type) and _memo(name):
             return False
         library = self.label.split(".")[0]
         if recorded is _MISSING and library not in PROJECT_PACKAGES and _library_module(value) == library:
@@ -352,6 +361,68 @@ def _start_recording() -> _Namespaces:
     return namespaces
 
 
+def _imported_names(module_name: str) -> set[str]:
+    """The project modules that `module_name`'s source imports, at module level or inside a
+    function (`from exporter import decisions`, `import ops.merge`), by the names they import."""
+    module = sys.modules.get(module_name)
+    source = getattr(module, "__file__", None)
+    if source is None or not source.endswith(".py"):
+        return set()
+    return _imports_in(source, getattr(module, "__package__", None) or "")
+
+
+@functools.cache
+def _imports_in(source: str, package: str) -> frozenset[str]:
+    """The project names `source` imports (read once per file; relative imports made absolute)."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(source).read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return frozenset(name for name in names if name.split(".")[0] in PROJECT_PACKAGES)
+
+
+def _referenced_modules(module_name: str) -> set[str]:
+    """The project modules `module_name` can run code of: those its source imports, and those of
+    the values its namespace holds now (a test may have bound another module's function there).
+    A package counts by its source only: its namespace holds every submodule imported so far."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return set()
+    found = set(_imported_names(module_name))
+    if hasattr(module, "__path__"):  # a package: its namespace holds every submodule imported so far
+        return {name for name in found if name in sys.modules}
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else _library_module_name(value)
+        if name.split(".")[0] in PROJECT_PACKAGES:
+            found.add(name)
+    return {name for name in found if name in sys.modules}
+
+
+def _closure(starts: Iterable[str]) -> set[str]:
+    """The project modules a trace started from `starts` (the trace's caller, the modules of the
+    tree's classes and of the translation functions) can run code of, with their packages: every
+    `ops` module can (the model's forward runs the merge), an `exporter` module only if reached
+    by import or by a name held (`exporter.quantize` and `exporter.parity` run after the trace,
+    on its graph, so a test's change there cannot change it)."""
+    seen, todo = set(), [name for name in starts if name.split(".")[0] in PROJECT_PACKAGES]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_referenced_modules(name))
+    return seen | {name.rsplit(".", depth)[0] for name in seen for depth in range(1, name.count(".") + 1)}
+
+
+def _library_module_name(value: object) -> str:
+    return str(getattr(value, "__module__", "") or "")
+
+
 def _tree_digest(wrapper: torch.nn.Module, digest: _Digest) -> set[str]:
     """The module tree, and the namespaces its classes read: their modules, torch's classes."""
     units = set()
@@ -375,7 +446,10 @@ def fingerprint(wrapper: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *arg
     digest = _Digest()
     units = _tree_digest(wrapper, digest)
     digest.update(_source_digest())
-    NAMESPACES.changes_digest([*units, *NAMESPACES.project_units(), *TORCH_MODULES, TENSOR_UNIT], digest)
+    translations = arguments[-1] if arguments and isinstance(arguments[-1], dict) else {}
+    reachable = _closure({*units, TRACE_CALLER, *map(_library_module_name, translations.values())})
+    project = [unit for unit in NAMESPACES.project_units() if unit.split(".")[0] != "exporter" or unit in reachable]
+    NAMESPACES.changes_digest([*units, *project, *TORCH_MODULES, TENSOR_UNIT], digest)
     for value in (*inputs, *arguments):
         _value_digest(value, digest)
     return digest.hash.hexdigest()[:32]
