@@ -98,6 +98,27 @@ def test_latency_harness_rows(tmp_path):
     assert len(breakdowns) == 1 and breakdowns[0]["merge_by_op_ms"] and "## Merge breakdown" in table
 
 
+def test_latency_harness_times_seeded_random_init_weights(tmp_path, monkeypatch):
+    """Random-init weights drawn from the export job's default seed: a rerun times the same graphs."""
+    from benchmarks.latency import Case, export_variants
+
+    heads = []
+
+    class Loaded(Exception):
+        pass
+
+    def stop_after_loading(model, *args, **kwargs):
+        heads.append(model.head.weight.detach().clone())
+        raise Loaded
+
+    monkeypatch.setattr("exporter.variants.export_variant", stop_after_loading)
+    for _ in range(2):
+        torch.rand(1)  # whatever the global generator's state
+        with pytest.raises(Loaded):
+            export_variants(Case("test_vit", (0.9,), (2,)), tmp_path, lambda _: None)
+    assert torch.equal(heads[0], heads[1])
+
+
 def _point(algo, prop, ratio, top1):
     return {
         "algo": algo, "prop_attn": prop, "ratio": ratio, "top1": top1, "agreement": 0.9, "speedup": 1.5,

@@ -250,6 +250,29 @@ def test_sweep_refuses_a_cost_an_algorithm_cannot_match(tmp_path):
     one_line_error(cli("sweep", "test_vit", "--match-flops", "pitome"), 2, "expected ALGO@RATIO")
 
 
+def test_sweep_random_init_weights_are_the_export_jobs(tmp_path, monkeypatch):
+    """The sweep seeds like the export job (--seed, 0 by default): its --random-init weights, and
+    so its graphs and figures, are the same in every run and the same as `pitome-export`'s."""
+    import torch
+
+    from pipelines.jobs import sweep
+    from pipelines.models.registry import load_model, resolve
+
+    heads = []
+
+    def load_only(job, spec, out, console):  # the sweep's first step, then an empty sweep
+        heads.append(load_model(spec, job.checkpoint, job.random_init)[0].head.weight.detach().clone())
+        return {"points": []}
+
+    monkeypatch.setattr(sweep, "_sweep", load_only)
+    for name in ("first", "second"):
+        assert cli("sweep", "test_vit", "--random-init", "-o", str(tmp_path / name)).returncode == 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        export_jobs = load_model(resolve("test_vit"), None, True)[0].head.weight
+    assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], export_jobs)
+
+
 def test_sweep_bad_ratio_list(tmp_path):
     one_line_error(cli("sweep", "test_vit", "--ratios", "0.9,2"), 2, "ratio must be a number in (0, 1], got 2")
     one_line_error(cli("sweep", "test_vit", "--algos", "pitome,foo"), 2, "unknown algo 'foo'")

@@ -28,10 +28,9 @@ from exporter.tensorrt.build import (
     graph_inputs,
     make_sidecar,
 )
-from ops import patch_model
 from ops.errors import PitomeError
 from tests.cli_helpers import cli, one_line_error
-from tests.models import small_text, small_vit, text_batch
+from tests.models import text_batch
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_engine = pytest.mark.skipif(
@@ -41,13 +40,12 @@ needs_engine = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def vision_pair(tmp_path_factory):
-    """A small PiToMe ViT exported twice: decomposed merge and fused plugin nodes."""
-    folder = tmp_path_factory.mktemp("plugin")
-    model = patch_model(small_vit(depth=4), algo="pitome", ratio=0.8)
-    decomposed = export_onnx(model, None, folder / "decomposed.onnx")
-    fused = export_onnx(model, None, folder / "fused.onnx", fused=True)
-    return model, decomposed, fused
+def vision_pair(tmp_path_factory, deit_pitome_export):
+    """A small PiToMe ViT (the session's small DeiT at 0.9) in two graphs: decomposed merge (the
+    session's shared export) and fused plugin nodes."""
+    model = deit_pitome_export.model()
+    fused = export_onnx(model, None, tmp_path_factory.mktemp("plugin") / "fused.onnx", fused=True)
+    return model, deit_pitome_export.path, fused
 
 
 def test_profile_shapes_follow_trtexec_min_opt_max():
@@ -85,13 +83,15 @@ def test_fused_export_is_one_node_per_merging_layer_and_matches_decomposed(visio
     np.testing.assert_allclose(got, eager, rtol=0, atol=1e-4)
 
 
-def test_fused_text_export_carries_the_mask():
-    model = patch_model(small_text("bert"), algo="pitome", ratio=0.8, seq_len=32)
+def test_fused_text_export_carries_the_mask(tmp_path, bert_pitome_export):
+    """On padded batches (the graphs are traced on the default inputs: the mask is an input,
+    not a constant) the fused graph computes what the decomposed one does."""
+    model = bert_pitome_export.model()
     ids, mask = text_batch(32)
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    folder = __import__("tempfile").mkdtemp()
-    decomposed = export_onnx(model, feeds, f"{folder}/d.onnx", seq_len=32)
-    fused = export_onnx(model, feeds, f"{folder}/f.onnx", seq_len=32, fused=True)
+    assert not mask.all()
+    decomposed = bert_pitome_export.path
+    fused = export_onnx(model, None, tmp_path / "f.onnx", seq_len=32, fused=True)
     assert {n.op_type for n in plugin_nodes(onnx.load(fused))} == {OP_TYPES[True]}
     numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
     np.testing.assert_allclose(

@@ -58,7 +58,7 @@ def run_sweep(job: SweepJob, console) -> Path:
     from pipelines.models.registry import resolve
 
     spec = resolve(job.model)
-    with torch_settings(job.threads):
+    with torch_settings(job.threads, job.seed):  # seeded: --random-init weights are the export job's
         final, result = build_output_folder(job, lambda tmp: _sweep(job, spec, tmp, console))
     console.print(f"[bold]Report:[/] {final / 'report.md'}  [bold]Plot:[/] {final / 'tradeoff.png'}")
     failed = [p for p in result["points"] if not p["parity_passed"]]
