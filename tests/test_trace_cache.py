@@ -192,15 +192,34 @@ def test_a_copy_memo_on_a_class_is_no_change():
 
 def test_a_change_the_trace_cannot_reach_is_no_change(monkeypatch):
     """The precision conversion and the parity tolerances run on the graph after the trace: a
-    test that breaks them shares the honest trace. A name the trace can reach that a test binds
-    to such a module's function brings that module into the key."""
-    from exporter import decisions, parity, quantize
+    test that breaks them shares the honest trace."""
+    from exporter import parity, quantize
 
     key = _key(_model())
     monkeypatch.setattr(quantize, "convert_precision", lambda *args, **kwargs: None)
     monkeypatch.setitem(parity.TOLERANCES, "fp32", None)
     assert _key(_model()) == key
-    monkeypatch.setattr(decisions, "rank_like_the_tape", quantize.default_ffn_out, raising=False)
+
+
+def _quantize_function():
+    from exporter import quantize
+
+    return quantize.default_ffn_out
+
+
+BINDINGS = {  # what a test could bind in a module the trace runs, that runs code of exporter.quantize
+    "function": _quantize_function,
+    "partial": lambda: functools.partial(_quantize_function(), "dynamic"),
+    "test lambda": lambda: lambda mode: _quantize_function()(mode),
+}
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_a_name_the_trace_runs_brings_the_module_its_code_calls_into_the_key(monkeypatch, binding):
+    from exporter import decisions, quantize
+
+    key = _key(_model())
+    monkeypatch.setattr(decisions, "rank_like_the_tape", BINDINGS[binding](), raising=False)
     bound = _key(_model())
     monkeypatch.setattr(quantize, "QUANTIZED_OPS", ["MatMul"])
     assert len({key, bound, _key(_model())}) == 3

@@ -17,10 +17,10 @@ The key (tests/test_trace_cache.py changes each part and checks that the key fol
 - the source files of `ops` and `exporter`, the code as written;
 - every module-level name changed since its module was imported (monkeypatch.setattr, setitem,
   delattr; a name added counts too): in every module of `ops` and in each `exporter` module the
-  trace can run (`exporter.onnx_export`, which runs it, the modules of the tree's classes and of
-  the translation functions, and every project module these import, at module level or inside a
-  function, or hold a name of), functions, constants, the attributes of the classes they define
-  and their module-level dicts; in `torch`, `torch.nn.functional`, `torch.onnx`, `torch.Tensor`
+  trace can run (`exporter.onnx_export`, which runs it, the modules of the tree's classes, of its
+  hooks and of the translation functions, and every project module these import, at module level
+  or inside a function, or hold code of; code written in a test may call any), functions,
+  constants, the attributes of the classes they define and their module-level dicts; in `torch`, `torch.nn.functional`, `torch.onnx`, `torch.Tensor`
   and the torch.nn classes of the tree; in the timm and transformers modules that define the
   tree's classes. A class's memo (copyreg's `__slotnames__`) is no change. A changed value enters by
   content (functions by code, defaults and closure; classes by their attributes; constants by
@@ -375,7 +375,7 @@ def _imported_names(module_name: str) -> set[str]:
 def _imports_in(source: str, package: str) -> frozenset[str]:
     """The project names `source` imports (read once per file; relative imports made absolute)."""
     names = set()
-    for node in ast.walk(ast.parse(Path(source).read_text())):
+    for node in ast.walk(ast.parse(Path(source).read_bytes())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -388,25 +388,47 @@ def _imports_in(source: str, package: str) -> frozenset[str]:
 
 
 def _referenced_modules(module_name: str) -> set[str]:
-    """The project modules `module_name` can run code of: those its source imports, and those of
-    the values its namespace holds now (a test may have bound another module's function there).
-    A package counts by its source only: its namespace holds every submodule imported so far."""
+    """The project modules `module_name` can run code of: those its source imports, and those
+    whose code the values its namespace holds now run (a test may have bound another module's
+    function there). A package's submodules count only if its source imports them: its namespace
+    holds every submodule imported so far."""
     module = sys.modules.get(module_name)
     if module is None:
         return set()
     found = set(_imported_names(module_name))
-    if hasattr(module, "__path__"):  # a package: its namespace holds every submodule imported so far
-        return {name for name in found if name in sys.modules}
-    for value in vars(module).values():
-        name = value.__name__ if isinstance(value, types.ModuleType) else _library_module_name(value)
-        if name.split(".")[0] in PROJECT_PACKAGES:
-            found.add(name)
-    return {name for name in found if name in sys.modules}
+    package = hasattr(module, "__path__")
+    for name, value in vars(module).items():
+        if _dunder(name):  # the import system's (`__loader__`, `__spec__`)
+            continue
+        if isinstance(value, type) and value.__module__ == module_name:  # its methods, as a test left them
+            for attribute in vars(value).values():
+                found |= _code_modules(attribute)
+        elif not (package and isinstance(value, types.ModuleType)):
+            found |= _code_modules(value)
+    return {name for name in found if name.split(".")[0] in PROJECT_PACKAGES and name in sys.modules}
+
+
+def _code_modules(value: object) -> set[str]:
+    """The modules whose code `value` runs when called (or, a module, the module): its own; a
+    partial's or a bound method's function and the method's class; for code written in the tests
+    (a lambda, a wrapper), every project module, since it may call any of them."""
+    if isinstance(value, TraceCache):  # the cache in `_trace`'s place
+        return set()
+    if isinstance(value, functools.partial):
+        return _code_modules(value.func)
+    if isinstance(value, types.MethodType):
+        return _code_modules(value.__func__) | _code_modules(type(value.__self__))
+    name = getattr(value, "__name__", "") if isinstance(value, types.ModuleType) else _library_module_name(value)
+    if not isinstance(name, str):
+        return set()
+    if name.split(".")[0] in ("tests", "__main__"):
+        return set(NAMESPACES.project_units())
+    return {name}
 
 
 def _closure(starts: Iterable[str]) -> set[str]:
     """The project modules a trace started from `starts` (the trace's caller, the modules of the
-    tree's classes and of the translation functions) can run code of, with their packages: every
+    tree's classes, hooks and translation functions) can run code of, with their packages: every
     `ops` module can (the model's forward runs the merge), an `exporter` module only if reached
     by import or by a name held (`exporter.quantize` and `exporter.parity` run after the trace,
     on its graph, so a test's change there cannot change it)."""
@@ -417,6 +439,12 @@ def _closure(starts: Iterable[str]) -> set[str]:
             seen.add(name)
             todo.extend(_referenced_modules(name))
     return seen | {name.rsplit(".", depth)[0] for name in seen for depth in range(1, name.count(".") + 1)}
+
+
+def _hooks(wrapper: torch.nn.Module) -> list:
+    """The forward hooks of the traced tree: they run inside the trace."""
+    return [hook for module in wrapper.modules() for hooks in (module._forward_pre_hooks, module._forward_hooks)
+            for hook in hooks.values()]  # fmt: skip
 
 
 def _library_module_name(value: object) -> str:
@@ -447,7 +475,8 @@ def fingerprint(wrapper: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *arg
     units = _tree_digest(wrapper, digest)
     digest.update(_source_digest())
     translations = arguments[-1] if arguments and isinstance(arguments[-1], dict) else {}
-    reachable = _closure({*units, TRACE_CALLER, *map(_library_module_name, translations.values())})
+    callables = [*translations.values(), *_hooks(wrapper)]
+    reachable = _closure({*units, TRACE_CALLER, *(name for value in callables for name in _code_modules(value))})
     project = [unit for unit in NAMESPACES.project_units() if unit.split(".")[0] != "exporter" or unit in reachable]
     NAMESPACES.changes_digest([*units, *project, *TORCH_MODULES, TENSOR_UNIT], digest)
     for value in (*inputs, *arguments):
