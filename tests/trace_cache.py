@@ -20,11 +20,12 @@ The key (tests/test_trace_cache.py changes each part and checks that the key fol
   trace can run (`exporter.onnx_export`, which runs it, the modules of the tree's classes, of its
   hooks and of the translation functions, and every project module these import, at module level
   or inside a function, or hold code of; code written in a test may call any), functions,
-  constants, the attributes of the classes they define and their module-level dicts; in `torch`, `torch.nn.functional`, `torch.onnx`, `torch.Tensor`
-  and the torch.nn classes of the tree; in the timm and transformers modules that define the
-  tree's classes. A class's memo (copyreg's `__slotnames__`) is no change. A changed value enters by
-  content (functions by code, defaults and closure; classes by their attributes; constants by
-  value), so two processes that made the same change agree on the key;
+  constants, the attributes of the classes they define and their module-level dicts; in `torch`,
+  `torch.nn.functional`, `torch.onnx`, `torch.Tensor` and the torch.nn classes of the tree; in the
+  timm and transformers modules that define the tree's classes. A class's memo (copyreg's
+  `__slotnames__`) is no change. A changed value enters by content (functions by code, defaults
+  and closure; classes by their attributes; constants by value), so two processes that made the
+  same change agree on the key;
 - the example inputs (dtype, shape, bytes) and the export arguments (a translation table by the
   code of its functions).
 
@@ -234,7 +235,8 @@ def _dunder(name: str) -> bool:
 
 
 def _library_module(value: object) -> str:
-    return str(getattr(value, "__module__", "")).split(".")[0]
+    """The top-level package that defines `value`: "torch", "timm", "ops"."""
+    return _library_module_name(value).split(".")[0]
 
 
 class _Recorded(NamedTuple):
