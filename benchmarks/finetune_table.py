@@ -1,5 +1,5 @@
 """Fine-tuning results: the table of benchmarks/results/finetune, built from the runs' folders,
-with every speed-up re-timed in one interleaved run.
+each run's graphs timed in one interleaved run beside the same schedule untrained.
 
     python -m benchmarks.finetune_table \\
         --run "vit_fmnist=artifacts/ft/vit-pitome-0.9,artifacts/ft/vit-pitome-0.9-shelf" \\
@@ -13,6 +13,12 @@ more than merging loses). The two merged graphs and the unmerged stock graph are
 (ONNX Runtime CPU, threads fixed, interleaved, median of `--runs`): the fine-tuned graph should
 keep the untrained one's speed-up, as it is the same graph with other weights. Each run's
 small files (finetune.json, accuracy.json, report.md, training.png) are copied beside the table.
+
+Run folders hold the graphs and weights and do not outlive the machine they were trained on, so
+`--keep-rows` adds runs to the table already in `--out` rather than rebuilding it: the earlier rows
+stay with the timing they were measured in (a run named again is re-timed and replaces its row),
+and the footer says which rows share which interleaved run. A row's two speed-ups always come
+from one run; rows of different runs can differ by the CPU's drift between them.
 """
 
 from __future__ import annotations
@@ -131,7 +137,40 @@ def points(a: float, b: float) -> str:
     return f"{100 * (a - b):+.2f}"
 
 
-def markdown(rows: list[dict], setup: dict) -> str:
+def row_ranges(numbers: list[int]) -> str:
+    """1-based row numbers as `1-13, 15`."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def timing_note(rows: list[dict], timings: list[dict]) -> str:
+    """Which interleaved run timed which rows, with its setup and command."""
+
+    def setup_text(t: dict) -> str:
+        return (
+            f"batch {t['batch']}, {t['threads']} threads, median of {t['runs']} on {t['cpu']}, measured {t['date']} "
+            f"by `{t['command']}` ({t['seconds']:.0f} s)"
+        )
+
+    graphs = "ONNX Runtime CPU, the fine-tuned graph, the same schedule untrained and the unmerged stock graph"
+    if len(timings) == 1:
+        return f"Speed-ups: {graphs} timed in one interleaved run, {setup_text(timings[0])}."
+    ranges = [row_ranges([n for n, r in enumerate(rows, 1) if r["timing"] == index]) for index in range(len(timings))]
+    groups = [f"{'row' if text.isdigit() else 'rows'} {text}: {setup_text(t)}" for text, t in zip(ranges, timings)]
+    return (
+        f"Speed-ups: {graphs} timed in one interleaved run per row, the rows grouped by the run that timed them; "
+        "a row's two speed-ups share one run, rows of different runs can differ by the CPU's drift between them. "
+        + "; ".join(groups)
+        + "."
+    )
+
+
+def markdown(rows: list[dict], timings: list[dict]) -> str:
     lines = [
         "| model | schedule | block FLOPs | speed-up untrained / fine-tuned | off the shelf | fine-tuned | "
         "original (unmerged) | unmerged fine-tuned alike | training |",
@@ -151,12 +190,58 @@ def markdown(rows: list[dict], setup: dict) -> str:
     lines += [
         "",
         f"Accuracy: top-1 on the full test split ({', '.join(sorted({str(r['test_samples']) for r in rows}))} "
-        "samples), never seen in training. Speed-ups: ONNX Runtime CPU, the fine-tuned graph, the same "
-        f"schedule untrained and the unmerged stock graph timed in one interleaved run (batch {setup['batch']}, "
-        f"{setup['threads']} threads, median of {setup['runs']}), on {setup['cpu']}; measured {setup['date']} "
-        f"(`{setup['command']}`, {setup['seconds']:.0f} s). Commands of each run: its finetune.json.",
+        f"samples), never seen in training. {timing_note(rows, timings)} Commands of each run: its finetune.json.",
     ]
     return "\n".join(lines)
+
+
+def earlier_table(out: Path) -> dict:
+    """The table already in `out` (`--keep-rows`); ValueError if there is none to keep."""
+    try:
+        record = read_json(out / "table.json")
+        if not isinstance(record.get("rows"), list) or not isinstance(record.get("timings"), list):
+            raise ValueError("no rows and timings")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"no table to keep in {out} ({error})") from None
+    return record
+
+
+def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """The earlier rows with the new ones in place of a row of the same run, else after the last row of
+    their model, else at the end."""
+    rows = list(earlier)
+    for new_row in new:
+        names = [r["run"] for r in rows]
+        if new_row["run"] in names:
+            rows[names.index(new_row["run"])] = new_row
+            continue
+        same_model = [i for i, r in enumerate(rows) if r["model"] == new_row["model"]]
+        rows.insert(same_model[-1] + 1 if same_model else len(rows), new_row)
+    return rows
+
+
+def keep_timings_in_use(rows: list[dict], timings: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Drop the timings no row refers to any more (all their rows re-timed), renumbering the rest in order."""
+    used = sorted({r["timing"] for r in rows})
+    index = {old: new for new, old in enumerate(used)}
+    return [dict(r, timing=index[r["timing"]]) for r in rows], [timings[i] for i in used]
+
+
+def time_runs(runs: list[Run], batch: int, repeats: int, threads: int) -> list[dict]:
+    """The table rows of `runs`, their graphs timed beside each model's unmerged stock graph."""
+    with tempfile.TemporaryDirectory(prefix="pitome-finetune-table-") as scratch:
+        stocks = {model: stock_graph(model, batch, Path(scratch) / model) for model in {r.model for r in runs}}
+        return [row(run, time_run(run, *stocks[run.model], batch, repeats, threads)) for run in runs]
+
+
+def copy_small_files(runs: list[Run], out: Path) -> None:
+    """Each run's small files (not its graphs or weights) beside the table, one folder a run."""
+    for folder in (f for run in runs for f in (run.finetuned, run.unmerged_finetuned) if f is not None):
+        kept = out / folder.name
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in KEPT_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, kept / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,25 +251,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep-rows", action="store_true",
+        help="add the runs to the table already in --out, keeping its other rows and the timing they were measured in",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from exporter.runners import cpu_name
 
+    try:
+        earlier = earlier_table(args.out) if args.keep_rows else {"rows": [], "timings": []}
+    except ValueError as error:
+        parser.error(f"--keep-rows: {error}")
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pitome-finetune-table-") as scratch:
-        stocks = {model: stock_graph(model, args.batch, Path(scratch) / model) for model in {r.model for r in args.run}}
-        rows = [row(run, time_run(run, *stocks[run.model], args.batch, args.runs, args.threads)) for run in args.run]
+    timing = len(earlier["timings"])
+    new_rows = [dict(r, timing=timing) for r in time_runs(args.run, args.batch, args.runs, args.threads)]
     setup = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "batch": args.batch, "threads": args.threads,
         "runs": args.runs, "seconds": time.monotonic() - began,
         "command": "python -m benchmarks.finetune_table " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
-    for folder in (f for run in args.run for f in (run.finetuned, run.unmerged_finetuned) if f is not None):
-        kept = args.out / folder.name
-        kept.mkdir(parents=True, exist_ok=True)
-        for name in KEPT_FILES:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, kept / name)
-    write_record(args.out, "table", {"setup": setup, "rows": rows}, markdown(rows, setup))
+    rows, timings = keep_timings_in_use(merged_rows(earlier["rows"], new_rows), [*earlier["timings"], setup])
+    copy_small_files(args.run, args.out)
+    write_record(args.out, "table", {"timings": timings, "rows": rows}, markdown(rows, timings))
     return 0
 
 

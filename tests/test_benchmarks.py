@@ -396,3 +396,93 @@ def test_finetune_table_refuses_runs_it_cannot_read(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune_table.main(["--run", f"vit_fmnist={tuned},{shelf}"])
     assert exit_info.value.code == 2 and "exported with another schedule" in capsys.readouterr().err
+
+
+def _table_row(run, model, timing=None):
+    row = {
+        "run": run, "model": model, "algo": "pitome", "merges": [4, 4], "command": f"finetune {run}",
+        "block_flop_speedup": 1.5, "speedup_untrained": 1.2, "speedup_finetuned": 1.2, "off_the_shelf": 0.8,
+        "finetuned": 0.85, "original": 0.86, "epochs": 2, "published_epoch": 2, "train_minutes": 9.0,
+        "samples_per_second": 40.0, "test_samples": 100, "unmerged_finetuned": None,
+    }  # fmt: skip
+    return row if timing is None else dict(row, timing=timing)
+
+
+def _finetune_folders(tmp_path, name):
+    """The two folders `--run` reads, with just enough in them to pass its checks."""
+    import json
+
+    tuned, shelf = tmp_path / name, tmp_path / f"shelf-{name}"
+    for folder in (tuned, shelf):
+        folder.mkdir()
+        for file in ("finetune.json", "accuracy.json", "model.onnx", "bench.json"):
+            (folder / file).write_text("{}")
+        (folder / "schedule.json").write_text(json.dumps({"algo": "pitome", "merges": [4, 4], "prop_attn": False}))
+    return f"vit_fmnist={tuned},{shelf}"
+
+
+def test_finetune_table_keep_rows_adds_a_run_beside_the_earlier_timing(tmp_path, monkeypatch):
+    """`--keep-rows` keeps the earlier rows and their timing, puts the new run after its model's rows,
+    re-times only it, and the footer names which rows each interleaved run timed."""
+    import json
+
+    from benchmarks import finetune_table
+
+    out = tmp_path / "results"
+    out.mkdir()
+    earlier_setup = {"date": "2026-01-01", "cpu": "old cpu", "batch": 8, "threads": 2, "runs": 60, "seconds": 60.0,
+                     "command": "python -m benchmarks.finetune_table --run old"}  # fmt: skip
+    earlier_rows = [_table_row("vit-a", "vit_fmnist", 0), _table_row("minilm-b", "minilm_sentiment", 0)]
+    (out / "table.json").write_text(json.dumps({"timings": [earlier_setup], "rows": earlier_rows}))
+    timed: list[str] = []
+
+    def fake_time_runs(runs, batch, repeats, threads):
+        timed.extend(run.name for run in runs)
+        return [_table_row(run.name, run.model) for run in runs]
+
+    monkeypatch.setattr(finetune_table, "time_runs", fake_time_runs)
+    assert finetune_table.main(["--run", _finetune_folders(tmp_path, "vit-c"), "--out", str(out), "--keep-rows"]) == 0
+    record = json.loads((out / "table.json").read_text())
+    assert timed == ["vit-c"]
+    assert [(r["run"], r["timing"]) for r in record["rows"]] == [("vit-a", 0), ("vit-c", 1), ("minilm-b", 0)]
+    assert record["timings"][0] == earlier_setup and "--keep-rows" in record["timings"][1]["command"]
+    footer = (out / "table.md").read_text()
+    assert "rows 1, 3: batch 8, 2 threads, median of 60 on old cpu, measured 2026-01-01" in footer
+    assert "row 2: batch 8, 2 threads, median of 50 on" in footer
+
+    # Without --keep-rows the table is rebuilt from the runs named, under one timing.
+    assert (
+        finetune_table.main(["--run", f"vit_fmnist={tmp_path / 'vit-c'},{tmp_path / 'shelf-vit-c'}", "--out", str(out)])
+        == 0
+    )
+    record = json.loads((out / "table.json").read_text())
+    assert [(r["run"], r["timing"]) for r in record["rows"]] == [("vit-c", 0)] and len(record["timings"]) == 1
+    assert "timed in one interleaved run, batch 8" in (out / "table.md").read_text()
+
+
+def test_finetune_table_keep_rows_replaces_a_re_timed_run_and_drops_its_old_timing():
+    from benchmarks.finetune_table import keep_timings_in_use, merged_rows
+
+    earlier = [_table_row("vit-a", "vit_fmnist", 0), _table_row("vit-b", "vit_fmnist", 1)]
+    rows = merged_rows(earlier, [_table_row("vit-a", "vit_fmnist", 2)])
+    rows, timings = keep_timings_in_use(rows, [{"t": 0}, {"t": 1}, {"t": 2}])
+    assert [(r["run"], r["timing"]) for r in rows] == [("vit-a", 1), ("vit-b", 0)]
+    assert timings == [{"t": 1}, {"t": 2}]
+    rows = merged_rows(earlier, [_table_row("bert-c", "bert_tiny")])
+    assert [r["run"] for r in rows] == ["vit-a", "vit-b", "bert-c"]
+
+
+def test_finetune_table_keep_rows_without_a_table_says_so_and_writes_nothing(tmp_path, capsys):
+    from benchmarks import finetune_table
+
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", _finetune_folders(tmp_path, "vit-c"), "--out", str(out), "--keep-rows"])
+    assert exit_info.value.code == 2 and "--keep-rows: no table to keep in" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "table.json").write_text('{"setup": {}, "rows": []}')  # a table from before timings were kept per row
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", _finetune_folders(tmp_path, "vit-d"), "--out", str(out), "--keep-rows"])
+    assert exit_info.value.code == 2 and "no rows and timings" in capsys.readouterr().err
+    assert not (out / "table.md").exists()
