@@ -144,7 +144,7 @@ def print_summary(summary: dict, spec, folder: Path, console) -> None:
         table.add_row(
             "accuracy",
             f"{accuracy['top1_merged']:.2%} merged vs {accuracy['top1_unmerged']:.2%} unmerged "
-            f"({accuracy['delta_points']:+.2f} points, {accuracy['samples']} samples)",
+            f"({change_text(accuracy)}, {accuracy['samples']} samples)",
         )
     table.add_row("report", str(folder / "report.md"))
     console.print(table)
@@ -217,10 +217,19 @@ def acceptance_markdown(agreement: dict) -> list[str]:
     return [*lines, ""]
 
 
+def change_text(accuracy: dict) -> str:
+    """`-0.23 points, 95% CI -0.41 to -0.05`: the change and, where measured, its paired interval."""
+    text = f"{accuracy['delta_points']:+.2f} points"
+    if "paired" in accuracy:
+        low, high = accuracy["paired"]["delta_points_ci95"]
+        text += f", 95% CI {low:+.2f} to {high:+.2f}"
+    return text
+
+
 def print_accuracy(accuracy: dict, console) -> None:
     console.print(
         f"accuracy on {accuracy['samples']} samples ({accuracy['data']}): merged {accuracy['top1_merged']:.2%}, "
-        f"unmerged {accuracy['top1_unmerged']:.2%} ({accuracy['delta_points']:+.2f} points), "
+        f"unmerged {accuracy['top1_unmerged']:.2%} ({change_text(accuracy)}), "
         f"prediction agreement {accuracy['agreement']:.2%}"
     )
     others = {k: v for k, v in accuracy.get("top1", {}).items() if k not in ("merged", "unmerged")}
@@ -419,5 +428,18 @@ def _accuracy_markdown(accuracy: dict | None) -> list[str]:
         *(f"| {name} | {top1:.2%} |" for name, top1 in accuracy.get("top1", {}).items()),
         "",
         f"Change {accuracy['delta_points']:+.2f} points; the two graphs agree on {accuracy['agreement']:.2%} of predictions.",
+        *_paired_markdown(accuracy.get("paired")),
         "",
+    ]
+
+
+def _paired_markdown(paired: dict | None) -> list[str]:
+    if not paired:
+        return []
+    low, high = paired["delta_points_ci95"]
+    return [
+        f"Paired on the same samples: the merged graph alone is right on {paired['only_first_right']}, the unmerged "
+        f"alone on {paired['only_second_right']}; the change's 95% confidence interval is {low:+.2f} to {high:+.2f} "
+        f"points (McNemar's exact p = {paired['mcnemar_p']:.2g}, the chance of a split this uneven between equally "
+        "accurate graphs)."
     ]
