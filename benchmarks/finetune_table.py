@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.records import write_record
 from pipelines.jobs.finetune.outputs import published_epoch
 
@@ -69,7 +71,24 @@ def parse_run(text: str) -> Run:
         if missing:
             raise argparse.ArgumentTypeError(f"{path} lacks {', '.join(missing)}")
     finetuned, shelf, *unmerged = paths
+    if unmerged:
+        paired_predictions(finetuned, unmerged[0])  # refused now, not after the timing, if not the same samples
     return Run(model, finetuned, shelf, same_schedule(finetuned, shelf), *unmerged)
+
+
+def paired_predictions(finetuned: Path, unmerged_finetuned: Path) -> dict | None:
+    """The fine-tuned merged graph against the unmerged model fine-tuned alike, sample by sample, where
+    both exports kept their predictions (`predictions.npz`, written since the paired comparison was
+    added); refused if they were scored on other samples."""
+    from pipelines.jobs.accuracy import PREDICTIONS, load_predictions, paired_comparison
+
+    files = [folder / PREDICTIONS for folder in (finetuned, unmerged_finetuned)]
+    if not all(f.is_file() for f in files):
+        return None
+    (data, labels, tuned), (other_data, other_labels, alike) = (load_predictions(f) for f in files)
+    if data != other_data or not np.array_equal(labels, other_labels):
+        raise argparse.ArgumentTypeError(f"{finetuned} and {unmerged_finetuned} were scored on other samples")
+    return paired_comparison(tuned["merged"], alike["merged"], labels)
 
 
 def read_json(path: Path) -> dict:
@@ -127,14 +146,21 @@ def row(run: Run, timings: dict[str, float]) -> dict:
         "samples_per_second": record["samples_per_second"], "test_samples": tuned["samples"],
         "unmerged_finetuned": None,
     }  # fmt: skip
+    out["paired_vs_original"] = tuned.get("paired")
     if run.unmerged_finetuned is not None:
         out["unmerged_finetuned"] = read_json(run.unmerged_finetuned / "accuracy.json")["top1_merged"]
+        out["paired_vs_unmerged_finetuned"] = paired_predictions(run.finetuned, run.unmerged_finetuned)
         out["unmerged_finetuned_minutes"] = read_json(run.unmerged_finetuned / "finetune.json")["wall_seconds"] / 60
     return out
 
 
-def points(a: float, b: float) -> str:
-    return f"{100 * (a - b):+.2f}"
+def points(a: float, b: float, paired: dict | None = None) -> str:
+    """`-0.23`, or `-0.23 ± 0.19` with the half-width of the paired 95% interval where it was measured."""
+    text = f"{100 * (a - b):+.2f}"
+    if paired:
+        low, high = paired["delta_points_ci95"]
+        text += f" ± {(high - low) / 2:.2f}"
+    return text
 
 
 def row_ranges(numbers: list[int]) -> str:
@@ -179,18 +205,21 @@ def markdown(rows: list[dict], timings: list[dict]) -> str:
     for r in rows:
         alike = "-"
         if r["unmerged_finetuned"] is not None:
-            alike = f"{r['unmerged_finetuned']:.2%} ({points(r['finetuned'], r['unmerged_finetuned'])} vs it)"
+            vs_alike = points(r["finetuned"], r["unmerged_finetuned"], r.get("paired_vs_unmerged_finetuned"))
+            alike = f"{r['unmerged_finetuned']:.2%} ({vs_alike} vs it)"
         lines.append(
             f"| {r['model']} | {r['algo']} {','.join(map(str, r['merges']))} | {r['block_flop_speedup']:.2f}x | "
             f"{r['speedup_untrained']:.2f}x / {r['speedup_finetuned']:.2f}x | {r['off_the_shelf']:.2%} "
             f"({points(r['off_the_shelf'], r['original'])}) | **{r['finetuned']:.2%}** "
-            f"({points(r['finetuned'], r['original'])}) | {r['original']:.2%} | {alike} | {r['epochs']} epochs, "
-            f"{r['train_minutes']:.0f} min ({r['samples_per_second']:.0f} samples/s), published epoch {r['published_epoch']} |"
+            f"({points(r['finetuned'], r['original'], r.get('paired_vs_original'))}) | {r['original']:.2%} | {alike} | "
+            f"{r['epochs']} epochs, {r['train_minutes']:.0f} min ({r['samples_per_second']:.0f} samples/s), published epoch {r['published_epoch']} |"
         )
     lines += [
         "",
         f"Accuracy: top-1 on the full test split ({', '.join(sorted({str(r['test_samples']) for r in rows}))} "
-        f"samples), never seen in training. {timing_note(rows, timings)} Commands of each run: its finetune.json.",
+        f"samples), never seen in training; `± x`: the half-width of the change's 95% interval, paired sample by "
+        f"sample (where the exports kept their predictions). {timing_note(rows, timings)} Commands of each run: "
+        "its finetune.json.",
     ]
     return "\n".join(lines)
 

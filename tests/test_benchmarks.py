@@ -398,6 +398,9 @@ def test_finetune_table_refuses_runs_it_cannot_read(tmp_path, capsys):
     assert exit_info.value.code == 2 and "exported with another schedule" in capsys.readouterr().err
 
 
+_SETUP = {"date": "2026-01-01", "cpu": "cpu", "batch": 8, "threads": 2, "runs": 60, "seconds": 60.0, "command": "c"}
+
+
 def _table_row(run, model, timing=None):
     row = {
         "run": run, "model": model, "algo": "pitome", "merges": [4, 4], "command": f"finetune {run}",
@@ -486,3 +489,41 @@ def test_finetune_table_keep_rows_without_a_table_says_so_and_writes_nothing(tmp
         finetune_table.main(["--run", _finetune_folders(tmp_path, "vit-d"), "--out", str(out), "--keep-rows"])
     assert exit_info.value.code == 2 and "no rows and timings" in capsys.readouterr().err
     assert not (out / "table.md").exists()
+
+
+def _save_predictions(folder, labels, merged, description="test split"):
+    from pipelines.data.labelled import LabelledData
+    from pipelines.jobs.accuracy import PREDICTIONS, save_predictions
+
+    data = LabelledData(description, labels, lambda idx: {})
+    save_predictions(folder / PREDICTIONS, {"merged": merged, "unmerged": labels}, data)
+
+
+def test_finetune_table_pairs_the_fine_tuned_graph_with_the_unmerged_fine_tuned_alike(tmp_path):
+    """Where both exports kept their predictions, the row carries the paired interval against the
+    unmerged model fine-tuned alike, and the table prints its half-width; other samples are refused."""
+    import argparse
+
+    import numpy as np
+
+    from benchmarks import finetune_table
+
+    labels = np.arange(200) % 10
+    merged, alike = labels.copy(), labels.copy()
+    merged[:12] = (labels[:12] + 1) % 10  # the merged model misses 12, the unmerged one fine-tuned alike 4 of them
+    alike[:4] = merged[:4]
+    tuned, other = tmp_path / "ft", tmp_path / "alike"
+    for folder, predicted in ((tuned, merged), (other, alike)):
+        folder.mkdir()
+        _save_predictions(folder, labels, predicted)
+    paired = finetune_table.paired_predictions(tuned, other)
+    assert (paired["only_first_right"], paired["only_second_right"]) == (0, 8)
+    assert paired["delta_points_ci95"][0] < -4.0 < paired["delta_points_ci95"][1] < 0
+    assert finetune_table.paired_predictions(tuned, tmp_path) is None  # an export from before: no interval
+    row = {**_table_row("ft", "minilm_sentiment", 0), "unmerged_finetuned": 0.9, "finetuned": 0.86}
+    row["paired_vs_unmerged_finetuned"] = paired
+    half = (paired["delta_points_ci95"][1] - paired["delta_points_ci95"][0]) / 2
+    assert f"(-4.00 ± {half:.2f} vs it)" in finetune_table.markdown([row], [_SETUP])
+    _save_predictions(other, labels[::-1].copy(), alike)
+    with pytest.raises(argparse.ArgumentTypeError, match="scored on other samples"):
+        finetune_table.paired_predictions(tuned, other)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.data.labelled import DataError, open_text_data, open_vision_data, read_idx
+from pipelines.jobs.accuracy import PREDICTIONS, load_predictions, paired_comparison
 from tests.cli_helpers import cli, one_line_error
 from tests.data_helpers import write_idx
 
@@ -131,7 +132,15 @@ def test_accuracy_stage_vision(tmp_path, image_folder):
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["samples"] == 6 and 0.0 <= accuracy["top1_merged"] <= 1.0
     assert accuracy["agreement"] >= 0.0 and "image folder" in accuracy["data"]
-    assert "## Accuracy" in (out / "report.md").read_text()
+    assert (
+        "## Accuracy" in (out / "report.md").read_text()
+        and "Paired on the same samples" in (out / "report.md").read_text()
+    )
+    # the per-sample predictions kept beside it give back the same figures
+    data, labels, predicted = load_predictions(out / PREDICTIONS)
+    assert data == accuracy["data"] and len(labels) == 6 and set(predicted) == {"merged", "unmerged"}
+    assert float((predicted["merged"] == labels).mean()) == accuracy["top1_merged"]
+    assert paired_comparison(predicted["merged"], predicted["unmerged"], labels) == accuracy["paired"]
     parity = json.loads((out / "parity.json").read_text())
     assert parity["samples"] == 10 + 4  # synthetic batches of 1 and 4, plus one real batch of 4
 

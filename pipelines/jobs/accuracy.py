@@ -1,4 +1,5 @@
-"""Top-1 accuracy of the merged and unmerged ONNX graphs on the same labelled samples."""
+"""Top-1 accuracy of the merged and unmerged ONNX graphs on the same labelled samples, compared
+sample by sample, and the per-sample predictions kept for comparisons across exports."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.atomic import atomic_write
 from exporter.runners import ort_session
 from pipelines.data.labelled import LabelledData
+
+PREDICTIONS = "predictions.npz"  # beside accuracy.json in an export folder (`save_predictions`)
 
 
 def _run_padded(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -51,22 +55,10 @@ def paired_comparison(first: np.ndarray, second: np.ndarray, labels: np.ndarray)
     }
 
 
-def measure_accuracy(
-    merged: Path,
-    unmerged: Path,
-    data: LabelledData,
-    batch_size: int = 32,
-    threads: int | None = None,
-    progress=None,
-    extra: dict[str, Path] | None = None,
-) -> dict:
-    """Accuracy of both graphs, their prediction agreement, and the change in points with its paired
-    confidence interval (`paired`: merged first, unmerged second; see `paired_comparison`).
-
-    `extra` graphs (other precisions, other ratios) are measured on the same samples in the same
-    pass; `top1` and `agreement_with_unmerged` list every graph.
-    """
-    graphs = {"merged": merged, "unmerged": unmerged, **(extra or {})}
+def predict(
+    graphs: dict[str, Path], data: LabelledData, batch_size: int = 32, threads: int | None = None, progress=None
+) -> dict[str, np.ndarray]:
+    """Top-1 class of every sample by every graph, all graphs fed the same batches in one pass."""
     sessions = {name: ort_session(path, threads=threads) for name, path in graphs.items()}
     predictions: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     for feeds, _ in data.batches(batch_size):
@@ -75,7 +67,13 @@ def measure_accuracy(
             predictions[name].append(logits.reshape(logits.shape[0], -1).argmax(-1))
         if progress is not None:
             progress()
-    predicted = {name: np.concatenate(p) for name, p in predictions.items()}
+    return {name: np.concatenate(p) for name, p in predictions.items()}
+
+
+def accuracy_figures(predicted: dict[str, np.ndarray], data: LabelledData) -> dict:
+    """Accuracy of the "merged" and "unmerged" graphs' predictions, their agreement, and the change in
+    points with its paired confidence interval (`paired`: merged first, unmerged second; see
+    `paired_comparison`). `top1` and `agreement_with_unmerged` list every graph predicted."""
     top1 = {name: float((p == data.labels).mean()) for name, p in predicted.items()}
     merged_pred, unmerged_pred = predicted["merged"], predicted["unmerged"]
     top1_merged, top1_unmerged = top1["merged"], top1["unmerged"]
@@ -91,3 +89,39 @@ def measure_accuracy(
         "chance": float(np.bincount(data.labels).max() / len(data)),  # always guessing the most frequent label
         "agreement_with_unmerged": {name: float((p == unmerged_pred).mean()) for name, p in predicted.items()},
     }
+
+
+def measure_accuracy(
+    merged: Path,
+    unmerged: Path,
+    data: LabelledData,
+    batch_size: int = 32,
+    threads: int | None = None,
+    progress=None,
+    extra: dict[str, Path] | None = None,
+) -> dict:
+    """`accuracy_figures` of the merged and unmerged graphs, and of `extra` graphs (other precisions,
+    other ratios) measured on the same samples in the same pass."""
+    graphs = {"merged": merged, "unmerged": unmerged, **(extra or {})}
+    return accuracy_figures(predict(graphs, data, batch_size, threads, progress), data)
+
+
+def save_predictions(path: Path, predicted: dict[str, np.ndarray], data: LabelledData) -> None:
+    """Every graph's per-sample top-1 with the labels and the data's description, so that two exports
+    scored on the same samples (a fine-tuned merged model and the unmerged one fine-tuned alike) can
+    later be compared sample by sample (`paired_comparison`)."""
+    arrays = {f"graph {name}": p.astype(np.int32) for name, p in predicted.items()}
+    arrays.update(labels=np.asarray(data.labels, dtype=np.int32), data=np.array(data.description))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as file:
+            np.savez_compressed(file, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_predictions(path: Path) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+    """(data description, labels, predictions by graph name) of a `save_predictions` file."""
+    with np.load(path) as stored:
+        graphs = {key.removeprefix("graph "): stored[key] for key in stored.files if key.startswith("graph ")}
+        return str(stored["data"]), stored["labels"], graphs

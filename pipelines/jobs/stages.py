@@ -63,6 +63,7 @@ class JobContext:
 
     bench: dict | None = None
     accuracy: dict | None = None
+    predictions: dict | None = None  # per-sample top-1 by graph name (pipelines.jobs.accuracy.predict)
 
     @contextlib.contextmanager
     def step(self, text: str, total: int = 1) -> Iterator[Callable[[], None]]:
@@ -303,15 +304,14 @@ def latency(ctx: JobContext) -> None:
 
 def accuracy(ctx: JobContext) -> None:
     """Top-1 of every graph on the labelled data; a reduced graph is then accepted by it."""
-    from pipelines.jobs.accuracy import measure_accuracy
+    from pipelines.jobs.accuracy import accuracy_figures, predict
 
     if ctx.data is None:
         return
+    graphs = {"merged": ctx.onnx_path, "unmerged": ctx.baseline, **(ctx.extra_graphs or {})}
     with ctx.step(f"accuracy on {len(ctx.data)} samples", total=-(-len(ctx.data) // ACCURACY_BATCH)) as advance:
-        ctx.accuracy = measure_accuracy(
-            ctx.onnx_path, ctx.baseline, ctx.data, ACCURACY_BATCH, ctx.job.threads, progress=advance,
-            extra=ctx.extra_graphs,
-        )  # fmt: skip
+        ctx.predictions = predict(graphs, ctx.data, ACCURACY_BATCH, ctx.job.threads, progress=advance)
+    ctx.accuracy = accuracy_figures(ctx.predictions, ctx.data)
     if ctx.agreement is not None:
         why_not = "random-init weights: accuracy means nothing" if ctx.origin == "random-init" else None
         ctx.agreement.attach_accuracy(ctx.accuracy, why_not=why_not)
@@ -371,7 +371,10 @@ def write_reports(ctx: JobContext, summary: dict) -> None:
         write_json("bench.json", ctx.bench)
         report.print_bench(ctx.bench, console)
     if ctx.accuracy is not None:
+        from pipelines.jobs.accuracy import PREDICTIONS, save_predictions
+
         write_json("accuracy.json", ctx.accuracy)
+        save_predictions(out / PREDICTIONS, ctx.predictions, ctx.data)
         report.print_accuracy(ctx.accuracy, console)
     report.write_preprocessing(ctx.model, ctx.spec, out, ctx.job)
     atomic_write_text(out / "report.md", report.markdown(summary, ctx.spec))
