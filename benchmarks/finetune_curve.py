@@ -94,10 +94,19 @@ class Scorer:
     task: Distillation  # scores a model on the test split (its "validation" data here)
     samples: int
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
-        """Test top-1 of `model` and its agreement with the original."""
-        figures = self.task.evaluate(model)
-        return {"test_accuracy": figures["val_accuracy"], "test_agreement": figures["val_agreement"]}
+    def score(self, model: torch.nn.Module) -> dict:
+        """Test top-1 of `model`, its agreement with the original, and the paired 95% interval of its
+        change against the original in points (both scored on the same samples)."""
+        from pipelines.jobs.accuracy import paired_comparison
+
+        output, labels = self.task.outputs(model)
+        predicted, labels = output.argmax(-1).cpu().numpy(), labels.cpu().numpy()
+        original = self.task.teacher_outputs().argmax(-1).cpu().numpy()
+        return {
+            "test_accuracy": float((predicted == labels).mean()),
+            "test_agreement": float((predicted == original).mean()),
+            "delta_points_ci95": paired_comparison(predicted, original, labels)["delta_points_ci95"],
+        }
 
 
 def scorer(record: dict, threads: int) -> Scorer:
@@ -151,6 +160,12 @@ def curve(folder: Path, threads: int) -> dict:
     }  # fmt: skip
 
 
+def change_text(point: dict, original: float) -> str:
+    """`-0.23 (-0.41 to -0.05)`: the change against the original in points, with its paired interval."""
+    low, high = point["delta_points_ci95"]
+    return f"{100 * (point['test_accuracy'] - original):+.2f} ({low:+.2f} to {high:+.2f})"
+
+
 def markdown(result: dict, setup: dict) -> str:
     """curve.md: one row per point, the published epoch marked, the gap to the original in points."""
     original = result["unmerged_test_accuracy"]
@@ -162,21 +177,23 @@ def markdown(result: dict, setup: dict) -> str:
         f"{result['published']}. Unmerged original: {original:.2%} on "
         f"the {result['test_samples']} test samples.",
         "",
-        "| epoch | training minutes | validation top-1 | test top-1 | vs original | agreement with original |",
+        "| epoch | training minutes | validation top-1 | test top-1 | vs original (paired 95% CI) | "
+        "agreement with original |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
         chosen = " (published)" if p["epoch"] == result["published_epoch"] else ""
         lines.append(
             f"| {p['epoch'] or 'before'}{chosen} | {p['minutes']:.1f} | {p['val_accuracy']:.2%} | "
-            f"{p['test_accuracy']:.2%} | {100 * (p['test_accuracy'] - original):+.2f} | {p['test_agreement']:.2%} |"
+            f"{p['test_accuracy']:.2%} | {change_text(p, original)} | {p['test_agreement']:.2%} |"
         )
     lines += ["", f"Scored {setup['date']} in PyTorch on the CPU (`{setup['command']}`, {setup['seconds']:.0f} s)."]
     return "\n".join(lines)
 
 
 def draw(result: dict, path: Path) -> None:
-    """Test and validation top-1 against training minutes, the original and 0.5 points under it."""
+    """Test top-1 (with its paired interval against the original) and validation top-1 against
+    training minutes, the original and 0.5 points under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +204,12 @@ def draw(result: dict, path: Path) -> None:
     points, original = result["points"], 100 * result["unmerged_test_accuracy"]
     minutes = [p["minutes"] for p in points]
     fig, axis = plt.subplots(figsize=(7, 4.5))
-    axis.plot(minutes, [100 * p["test_accuracy"] for p in points], "o-", label="test top-1 (merged, fine-tuned)")
+    test = [100 * p["test_accuracy"] for p in points]
+    change = [value - original for value in test]  # the paired interval is of this change, in points
+    below = [d - p["delta_points_ci95"][0] for d, p in zip(change, points)]
+    above = [p["delta_points_ci95"][1] - d for d, p in zip(change, points)]
+    axis.errorbar(minutes, test, yerr=[below, above], fmt="o-", capsize=3,
+                  label="test top-1 (merged, fine-tuned; paired 95% CI vs original)")  # fmt: skip
     axis.plot(minutes, [100 * p["val_accuracy"] for p in points], "s:", alpha=0.6, label="validation top-1")
     axis.axhline(original, c="C2", ls="--", label="unmerged original (test)")
     axis.axhline(original - 0.5, c="C3", ls=":", label="original - 0.5 points")

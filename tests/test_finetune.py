@@ -158,8 +158,13 @@ def test_the_curve_scores_each_kept_epoch_on_the_test_split_after_training(refer
     record = json.loads((reference_run / "finetune.json").read_text())
     assert [p["val_accuracy"] for p in result["points"][1:]] == [h["val_accuracy"] for h in record["history"]]
     run = finetune_curve.scorer(record, threads=1)
-    assert result["unmerged_test_accuracy"] == run.score(run.teacher)["test_accuracy"]
-    assert run.score(run.teacher)["test_agreement"] == 1.0  # the original agrees with itself
+    original = run.score(run.teacher)
+    assert result["unmerged_test_accuracy"] == original["test_accuracy"]
+    assert original["test_agreement"] == 1.0 and original["delta_points_ci95"] == [0.0, 0.0]  # itself
+    for point in result["points"]:  # each change's paired interval holds the change
+        low, high = point["delta_points_ci95"]
+        assert low <= 100 * (point["test_accuracy"] - original["test_accuracy"]) <= high
+    assert "| vs original (paired 95% CI) |" in (tmp_path / "out" / "curve.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -136,14 +136,18 @@ class Distillation:
             yield self._output(model, {k: v.to(self.device) for k, v in inputs.items()}), labels.to(self.device)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """The student on the validation slice: `val_accuracy` and `val_agreement` (with the
-        teacher) for a classifier, `val_cosine` (with the teacher) for a feature model."""
+    def outputs(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model`'s outputs on the validation slice (in eval mode) and the slice's labels."""
         was_training = model.training
         model.eval()
         outputs, labels = zip(*self._predictions(model))
         model.train(was_training)
-        output, label = torch.cat(outputs), torch.cat(labels)
+        return torch.cat(outputs), torch.cat(labels)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The student on the validation slice: `val_accuracy` and `val_agreement` (with the
+        teacher) for a classifier, `val_cosine` (with the teacher) for a feature model."""
+        output, label = self.outputs(model)
         reference = self.teacher_outputs()
         if not self.classifier:
             return {"val_cosine": float(F.cosine_similarity(output, reference, dim=-1).mean())}
