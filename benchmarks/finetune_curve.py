@@ -160,7 +160,7 @@ def curve(folder: Path, threads: int) -> dict:
     }  # fmt: skip
 
 
-def change_text(point: dict, original: float) -> str:
+def change_with_interval(point: dict, original: float) -> str:
     """`-0.23 (-0.41 to -0.05)`: the change against the original in points, with its paired interval."""
     low, high = point["delta_points_ci95"]
     return f"{100 * (point['test_accuracy'] - original):+.2f} ({low:+.2f} to {high:+.2f})"
@@ -185,7 +185,7 @@ def markdown(result: dict, setup: dict) -> str:
         chosen = " (published)" if p["epoch"] == result["published_epoch"] else ""
         lines.append(
             f"| {p['epoch'] or 'before'}{chosen} | {p['minutes']:.1f} | {p['val_accuracy']:.2%} | "
-            f"{p['test_accuracy']:.2%} | {change_text(p, original)} | {p['test_agreement']:.2%} |"
+            f"{p['test_accuracy']:.2%} | {change_with_interval(p, original)} | {p['test_agreement']:.2%} |"
         )
     lines += ["", f"Scored {setup['date']} in PyTorch on the CPU (`{setup['command']}`, {setup['seconds']:.0f} s)."]
     return "\n".join(lines)

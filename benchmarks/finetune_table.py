@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from benchmarks.records import write_record
 from pipelines.jobs.finetune.outputs import published_epoch
+from pipelines.jobs.options import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune"
 KEPT_FILES = ("finetune.json", "accuracy.json", "bench.json", "report.md", "training.png", "schedule.json")
@@ -48,6 +50,7 @@ class Run:
     shelf: Path
     schedule: dict  # the schedule.json both merged graphs share
     unmerged_finetuned: Path | None = None
+    paired_vs_alike: dict | None = None  # `paired_predictions` of the fine-tuned and the unmerged fine-tuned
 
     @property
     def name(self) -> str:
@@ -71,9 +74,10 @@ def parse_run(text: str) -> Run:
         if missing:
             raise argparse.ArgumentTypeError(f"{path} lacks {', '.join(missing)}")
     finetuned, shelf, *unmerged = paths
-    if unmerged:
-        paired_predictions(finetuned, unmerged[0])  # refused now, not after the timing, if not the same samples
-    return Run(model, finetuned, shelf, same_schedule(finetuned, shelf), *unmerged)
+    schedule = same_schedule(finetuned, shelf)
+    if not unmerged:
+        return Run(model, finetuned, shelf, schedule)
+    return Run(model, finetuned, shelf, schedule, unmerged[0], paired_predictions(finetuned, unmerged[0]))
 
 
 def paired_predictions(finetuned: Path, unmerged_finetuned: Path) -> dict | None:
@@ -85,10 +89,14 @@ def paired_predictions(finetuned: Path, unmerged_finetuned: Path) -> dict | None
     files = [folder / PREDICTIONS for folder in (finetuned, unmerged_finetuned)]
     if not all(f.is_file() for f in files):
         return None
-    (data, labels, tuned), (other_data, other_labels, alike) = (load_predictions(f) for f in files)
-    if data != other_data or not np.array_equal(labels, other_labels):
-        raise argparse.ArgumentTypeError(f"{finetuned} and {unmerged_finetuned} were scored on other samples")
-    return paired_comparison(tuned["merged"], alike["merged"], labels)
+    try:
+        (data, labels, tuned), (other_data, other_labels, alike) = (load_predictions(f) for f in files)
+        same_samples = data == other_data and np.array_equal(labels, other_labels)
+        if same_samples:
+            return paired_comparison(tuned["merged"], alike["merged"], labels)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{' or '.join(map(str, files))}: not a predictions file ({error})") from None
+    raise argparse.ArgumentTypeError(f"{finetuned} and {unmerged_finetuned} were scored on other samples")
 
 
 def read_json(path: Path) -> dict:
@@ -146,10 +154,10 @@ def row(run: Run, timings: dict[str, float]) -> dict:
         "samples_per_second": record["samples_per_second"], "test_samples": tuned["samples"],
         "unmerged_finetuned": None,
     }  # fmt: skip
-    out["paired_vs_original"] = tuned.get("paired")
+    out["paired_vs_original"], out["paired_shelf_vs_original"] = tuned.get("paired"), shelf.get("paired")
     if run.unmerged_finetuned is not None:
         out["unmerged_finetuned"] = read_json(run.unmerged_finetuned / "accuracy.json")["top1_merged"]
-        out["paired_vs_unmerged_finetuned"] = paired_predictions(run.finetuned, run.unmerged_finetuned)
+        out["paired_vs_unmerged_finetuned"] = run.paired_vs_alike
         out["unmerged_finetuned_minutes"] = read_json(run.unmerged_finetuned / "finetune.json")["wall_seconds"] / 60
     return out
 
@@ -196,6 +204,18 @@ def timing_note(rows: list[dict], timings: list[dict]) -> str:
     )
 
 
+PAIRED_NOTE = (
+    " `± x`: the half-width of a change's 95% interval, the two models paired sample by sample on the test "
+    "split (rows exported since the accuracy stage pairs them)."
+)
+
+
+def has_paired(row: dict) -> bool:
+    return any(
+        row.get(key) for key in ("paired_vs_original", "paired_shelf_vs_original", "paired_vs_unmerged_finetuned")
+    )
+
+
 def markdown(rows: list[dict], timings: list[dict]) -> str:
     lines = [
         "| model | schedule | block FLOPs | speed-up untrained / fine-tuned | off the shelf | fine-tuned | "
@@ -210,28 +230,47 @@ def markdown(rows: list[dict], timings: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['algo']} {','.join(map(str, r['merges']))} | {r['block_flop_speedup']:.2f}x | "
             f"{r['speedup_untrained']:.2f}x / {r['speedup_finetuned']:.2f}x | {r['off_the_shelf']:.2%} "
-            f"({points(r['off_the_shelf'], r['original'])}) | **{r['finetuned']:.2%}** "
+            f"({points(r['off_the_shelf'], r['original'], r.get('paired_shelf_vs_original'))}) | **{r['finetuned']:.2%}** "
             f"({points(r['finetuned'], r['original'], r.get('paired_vs_original'))}) | {r['original']:.2%} | {alike} | "
             f"{r['epochs']} epochs, {r['train_minutes']:.0f} min ({r['samples_per_second']:.0f} samples/s), published epoch {r['published_epoch']} |"
         )
     lines += [
         "",
         f"Accuracy: top-1 on the full test split ({', '.join(sorted({str(r['test_samples']) for r in rows}))} "
-        f"samples), never seen in training; `± x`: the half-width of the change's 95% interval, paired sample by "
-        f"sample (where the exports kept their predictions). {timing_note(rows, timings)} Commands of each run: "
-        "its finetune.json.",
+        f"samples), never seen in training.{PAIRED_NOTE if any(map(has_paired, rows)) else ''} "
+        f"{timing_note(rows, timings)} Commands of each run: its finetune.json.",
     ]
     return "\n".join(lines)
 
 
+ROW_FIELDS = ("run", "model", "algo", "merges", "block_flop_speedup", "speedup_untrained", "speedup_finetuned",
+              "off_the_shelf", "finetuned", "original", "epochs", "published_epoch", "train_minutes",
+              "samples_per_second", "test_samples", "unmerged_finetuned", "timing")  # fmt: skip
+TIMING_FIELDS = ("date", "cpu", "batch", "threads", "runs", "seconds", "command")
+
+
 def earlier_table(out: Path) -> dict:
-    """The table already in `out` (`--keep-rows`); ValueError if there is none to keep."""
+    """The table already in `out` (`--keep-rows`), every row and timing checked for what the table
+    prints of it; ValueError, before any timing, if there is none to keep or it is not one."""
     try:
         record = read_json(out / "table.json")
-        if not isinstance(record.get("rows"), list) or not isinstance(record.get("timings"), list):
-            raise ValueError("no rows and timings")
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"no table to keep in {out} ({error})") from None
+    if not isinstance(record, dict) or "setup" in record:
+        raise ValueError(
+            f"{out / 'table.json'} predates per-row timings or is no table: rebuild it without --keep-rows"
+        )
+    rows, timings = record.get("rows"), record.get("timings")
+    if not isinstance(rows, list) or not isinstance(timings, list):
+        raise ValueError(f"{out / 'table.json'} has no rows and timings")
+    for index, timing in enumerate(timings):
+        if not isinstance(timing, dict) or any(key not in timing for key in TIMING_FIELDS):
+            raise ValueError(f"{out / 'table.json'}: timing {index} lacks one of {', '.join(TIMING_FIELDS)}")
+    for row in rows:
+        if not isinstance(row, dict) or any(key not in row for key in ROW_FIELDS):
+            raise ValueError(f"{out / 'table.json'}: a row lacks one of {', '.join(ROW_FIELDS)}")
+        if not isinstance(row["timing"], int) or not 0 <= row["timing"] < len(timings):
+            raise ValueError(f"{out / 'table.json'}: row {row['run']!r} names no recorded timing")
     return record
 
 
@@ -276,15 +315,19 @@ def copy_small_files(runs: list[Run], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=parse_run, action="append", required=True, metavar="MODEL=FT,SHELF[,UNMERGED_FT]")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--runs", type=positive_int, default=50)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--keep-rows", action="store_true",
         help="add the runs to the table already in --out, keeping its other rows and the timing they were measured in",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    names = [run.name for run in args.run]
+    if len(set(names)) < len(names):
+        parser.error(f"two --run folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                     "a row and its copied files are named by the fine-tuned folder")  # fmt: skip
     from exporter.runners import cpu_name
 
     try:
@@ -300,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.finetune_table " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
     rows, timings = keep_timings_in_use(merged_rows(earlier["rows"], new_rows), [*earlier["timings"], setup])
+    table = markdown(rows, timings)  # before anything is written: a row it cannot print fails here
     copy_small_files(args.run, args.out)
-    write_record(args.out, "table", {"timings": timings, "rows": rows}, markdown(rows, timings))
+    write_record(args.out, "table", {"timings": timings, "rows": rows}, table)
     return 0
 
 

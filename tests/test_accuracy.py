@@ -20,12 +20,26 @@ def test_paired_comparison_counts_the_samples_only_one_graph_gets_right():
     paired = paired_comparison(_predictions(labels, first_wrong), _predictions(labels, second_wrong), labels)
     assert paired["only_first_right"] == int((~first_wrong & second_wrong).sum())
     assert paired["only_second_right"] == int((first_wrong & ~second_wrong).sum())
-    # the interval of the mean per-sample difference (+1, 0, -1), computed another way
-    per_sample = second_wrong.astype(float) - first_wrong.astype(float)
-    half = 1.96 * per_sample.std() / np.sqrt(len(per_sample))
-    assert paired["delta_points_ci95"] == pytest.approx(
-        [100 * (per_sample.mean() - half), 100 * (per_sample.mean() + half)]
-    )
+    # Agresti and Min: the plain interval of the mean per-sample difference (+1, 0, -1) once half a
+    # sample is added to each of the four cells (right/wrong x right/wrong), computed another way
+    per_sample = np.concatenate([second_wrong.astype(float) - first_wrong.astype(float), [1, -1, 0, 0]])
+    weights = np.concatenate([np.ones(2000), np.full(4, 0.5)])
+    mean = np.average(per_sample, weights=weights)
+    half = 1.96 * np.sqrt(np.average((per_sample - mean) ** 2, weights=weights) / weights.sum())
+    assert paired["delta_points_ci95"] == pytest.approx([100 * (mean - half), 100 * (mean + half)])
+
+
+def test_paired_interval_keeps_a_width_when_the_graphs_never_disagree():
+    labels = np.arange(500) % 10
+    low, high = paired_comparison(labels, labels.copy(), labels)["delta_points_ci95"]
+    assert low < 0 < high and high - low > 0.5  # not "exactly equal" from 500 samples
+
+
+def test_paired_comparison_refuses_unpaired_predictions():
+    labels = np.arange(10)
+    for first, second in ((labels[:9], labels), (labels[:1], labels), (labels[:0], labels[:0])):
+        with pytest.raises(ValueError, match="paired predictions of one shape"):
+            paired_comparison(first, second, labels[: len(second)])
 
 
 def test_paired_interval_is_narrow_where_the_graphs_mostly_agree():
@@ -55,6 +69,17 @@ def test_mcnemar_exact_p_is_the_two_sided_binomial_tail(only_first, only_second,
     paired = paired_comparison(_predictions(labels, first_wrong), _predictions(labels, second_wrong), labels)
     assert (paired["only_first_right"], paired["only_second_right"]) == (only_first, only_second)
     assert paired["mcnemar_p"] == pytest.approx(p)
+
+
+def test_mcnemar_tail_in_log_space_matches_exact_integers_and_scales():
+    from math import comb
+
+    from pipelines.jobs.accuracy import binomial_tail_half
+
+    exact = sum(comb(2000, k) for k in range(901)) / 2**2000  # 900 of 2,000 discordant one way
+    assert binomial_tail_half(900, 2000) == pytest.approx(exact, rel=1e-9)
+    assert 0 < binomial_tail_half(19_000, 40_000) < 1e-20  # z about 10: tiny, not underflowed to 0
+    assert binomial_tail_half(20_000, 40_000) == pytest.approx(0.5, abs=0.01)
 
 
 def test_report_states_the_paired_interval():

@@ -476,6 +476,8 @@ def test_finetune_table_keep_rows_replaces_a_re_timed_run_and_drops_its_old_timi
 
 
 def test_finetune_table_keep_rows_without_a_table_says_so_and_writes_nothing(tmp_path, capsys):
+    import json
+
     from benchmarks import finetune_table
 
     out = tmp_path / "results"
@@ -484,11 +486,19 @@ def test_finetune_table_keep_rows_without_a_table_says_so_and_writes_nothing(tmp
     assert exit_info.value.code == 2 and "--keep-rows: no table to keep in" in capsys.readouterr().err
     assert not out.exists()
     out.mkdir()
-    (out / "table.json").write_text('{"setup": {}, "rows": []}')  # a table from before timings were kept per row
-    with pytest.raises(SystemExit) as exit_info:
-        finetune_table.main(["--run", _finetune_folders(tmp_path, "vit-d"), "--out", str(out), "--keep-rows"])
-    assert exit_info.value.code == 2 and "no rows and timings" in capsys.readouterr().err
-    assert not (out / "table.md").exists()
+    run = _finetune_folders(tmp_path, "vit-d")
+    row = _table_row("vit-a", "vit_fmnist", 0)
+    for table, message in (
+        ({"setup": {}, "rows": []}, "predates per-row timings"),  # a table from before timings were kept per row
+        ({"timings": [_SETUP], "rows": [{**row, "timing": 1}]}, "row 'vit-a' names no recorded timing"),
+        ({"timings": [_SETUP], "rows": [{k: v for k, v in row.items() if k != "test_samples"}]}, "a row lacks one of"),
+        ({"timings": [{"date": "x"}], "rows": []}, "timing 0 lacks one of"),
+    ):
+        (out / "table.json").write_text(json.dumps(table))
+        with pytest.raises(SystemExit) as exit_info:
+            finetune_table.main(["--run", run, "--out", str(out), "--keep-rows"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["table.json"]  # nothing copied, no table written
 
 
 def _save_predictions(folder, labels, merged, description="test split"):
@@ -523,7 +533,38 @@ def test_finetune_table_pairs_the_fine_tuned_graph_with_the_unmerged_fine_tuned_
     row = {**_table_row("ft", "minilm_sentiment", 0), "unmerged_finetuned": 0.9, "finetuned": 0.86}
     row["paired_vs_unmerged_finetuned"] = paired
     half = (paired["delta_points_ci95"][1] - paired["delta_points_ci95"][0]) / 2
-    assert f"(-4.00 ± {half:.2f} vs it)" in finetune_table.markdown([row], [_SETUP])
+    table = finetune_table.markdown([row], [_SETUP])
+    assert f"(-4.00 ± {half:.2f} vs it)" in table and "`± x`: the half-width" in table
+    row["paired_shelf_vs_original"] = {"delta_points_ci95": [-3.0, -1.0]}
+    assert "80.00% (-6.00 ± 1.00)" in finetune_table.markdown([row], [_SETUP])
+    assert "`± x`" not in finetune_table.markdown([_table_row("old", "vit_fmnist", 0)], [_SETUP])
     _save_predictions(other, labels[::-1].copy(), alike)
     with pytest.raises(argparse.ArgumentTypeError, match="scored on other samples"):
         finetune_table.paired_predictions(tuned, other)
+
+
+def test_finetune_table_refuses_two_runs_of_one_name_and_unreadable_predictions(tmp_path, capsys):
+    """Two folders of one name would overwrite each other's row and files; a predictions file that is
+    not one is named in one line. Both before any timing (exit 2, argparse)."""
+    from benchmarks import finetune_table
+
+    first = _finetune_folders(tmp_path, "vit-c")
+    (tmp_path / "elsewhere").mkdir()
+    second = _finetune_folders(tmp_path / "elsewhere", "vit-c")
+    for argv, message in (
+        (["--run", first, "--run", second], "two --run folders share a name (vit-c)"),
+        (["--run", first, "--runs", "0"], "--runs"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            finetune_table.main([*argv, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    alike = tmp_path / "alike"
+    alike.mkdir()
+    for name in ("finetune.json", "accuracy.json"):
+        (alike / name).write_text("{}")
+    for folder in (tmp_path / "vit-c", alike):
+        (folder / "predictions.npz").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_table.main(["--run", f"{first},{alike}", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "not a predictions file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -31,27 +31,41 @@ def _run_padded(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(outputs)
 
 
+def binomial_tail_half(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), summed in log space: exact to float precision and fast
+    for any n (tens of thousands of discordant samples on a large test set)."""
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    return math.exp(top) * math.fsum(math.exp(value - top) for value in logs)
+
+
 def paired_comparison(first: np.ndarray, second: np.ndarray, labels: np.ndarray) -> dict:
     """How two graphs' top-1 differ on the same samples, paired sample by sample.
 
-    The samples both get right or both get wrong cancel, so a paired interval resolves a far smaller
-    difference than the two accuracies' own error bars: on 10,000 samples each accuracy is known to
-    about 0.3 points, their difference often to 0.1. Returns the samples only `first` gets right and
-    only `second` gets right, the 95% confidence interval of `first - second` in points (normal
-    approximation of the paired difference), and McNemar's exact p-value: the chance of a split of
-    those samples at least this uneven if both graphs were equally accurate.
+    The samples both get right or both get wrong cancel, so where the graphs agree on most samples
+    the paired interval is far narrower than either accuracy's own: on 10,000 samples at 90%, each
+    accuracy's 95% interval is +-0.6 points, while two graphs that disagree on 4% of the samples
+    have their difference's at about +-0.4. Returns the samples only `first` gets right and only
+    `second` gets right, the 95% confidence interval of `first - second` in points (Agresti and
+    Min's adjusted interval for matched pairs: half a sample added to each cell, so that few
+    disagreements still give an honest width), and McNemar's exact p-value: the chance of a split
+    of the disagreeing samples at least this uneven if both graphs were equally accurate. Below
+    about 20 disagreements the interval is approximate; the exact p is not.
     """
+    if not first.shape == second.shape == labels.shape or labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"paired predictions of one shape needed, got {first.shape}, {second.shape}, {labels.shape}")
     first_right, second_right = first == labels, second == labels
     only_first, only_second = int((first_right & ~second_right).sum()), int((second_right & ~first_right).sum())
-    samples, discordant = len(labels), only_first + only_second
-    difference = (only_first - only_second) / samples
-    half_width = 1.96 * math.sqrt(max(discordant - samples * difference**2, 0.0)) / samples
-    tail = sum(math.comb(discordant, k) for k in range(min(only_first, only_second) + 1))
+    adjusted = len(labels) + 2
+    difference = (only_first - only_second) / adjusted
+    spread = only_first + only_second + 1 - (only_first - only_second) ** 2 / adjusted
+    half_width = 1.96 * math.sqrt(spread) / adjusted
+    tail = binomial_tail_half(min(only_first, only_second), only_first + only_second)
     return {
         "only_first_right": only_first,
         "only_second_right": only_second,
         "delta_points_ci95": [100.0 * (difference - half_width), 100.0 * (difference + half_width)],
-        "mcnemar_p": min(1.0, 2 * tail / 2**discordant),
+        "mcnemar_p": min(1.0, 2 * tail),
     }
 
 

@@ -440,6 +440,6 @@ def _paired_markdown(paired: dict | None) -> list[str]:
     return [
         f"Paired on the same samples: the merged graph alone is right on {paired['only_first_right']}, the unmerged "
         f"alone on {paired['only_second_right']}; the change's 95% confidence interval is {low:+.2f} to {high:+.2f} "
-        f"points (McNemar's exact p = {paired['mcnemar_p']:.2g}, the chance of a split this uneven between equally "
-        "accurate graphs)."
+        f"points (McNemar's exact p = {paired['mcnemar_p']:.2g}, the chance of a split at least this uneven "
+        "between equally accurate graphs)."
     ]
