@@ -276,15 +276,18 @@ def earlier_table(out: Path) -> dict:
 
 def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
     """The earlier rows with the new ones in place of a row of the same run, else after the last row of
-    their model, else at the end."""
+    the same model and schedule, else after the last row of their model, else at the end."""
     rows = list(earlier)
     for new_row in new:
         names = [r["run"] for r in rows]
         if new_row["run"] in names:
             rows[names.index(new_row["run"])] = new_row
             continue
+        schedule = (new_row["model"], new_row["algo"], new_row["merges"])
+        same_schedule = [i for i, r in enumerate(rows) if (r["model"], r["algo"], r["merges"]) == schedule]
         same_model = [i for i, r in enumerate(rows) if r["model"] == new_row["model"]]
-        rows.insert(same_model[-1] + 1 if same_model else len(rows), new_row)
+        after = (same_schedule or same_model or [len(rows) - 1])[-1]
+        rows.insert(after + 1, new_row)
     return rows
 
 

@@ -473,6 +473,13 @@ def test_finetune_table_keep_rows_replaces_a_re_timed_run_and_drops_its_old_timi
     assert timings == [{"t": 1}, {"t": 2}]
     rows = merged_rows(earlier, [_table_row("bert-c", "bert_tiny")])
     assert [r["run"] for r in rows] == ["vit-a", "vit-b", "bert-c"]
+    other_schedule = {**_table_row("vit-d", "vit_fmnist", 0), "merges": [6, 6]}
+    rows = merged_rows(
+        [earlier[0], other_schedule, earlier[1]], [_table_row("vit-e", "vit_fmnist"), _table_row("x", "m")]
+    )
+    assert [r["run"] for r in rows] == ["vit-a", "vit-d", "vit-b", "vit-e", "x"]  # beside its own schedule
+    rows = merged_rows([earlier[0], other_schedule], [_table_row("vit-e", "vit_fmnist")])
+    assert [r["run"] for r in rows] == ["vit-a", "vit-e", "vit-d"]
 
 
 def test_finetune_table_keep_rows_without_a_table_says_so_and_writes_nothing(tmp_path, capsys):
