@@ -574,8 +574,8 @@ def test_tune_resumes_after_ctrl_c_without_repeating_a_trial(tmp_path, _trace_ca
     for number, finished in before.items():  # the trial done before Ctrl-C was not run again
         assert complete[number].datetime_complete == finished
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.json", "bench.json", "data_config.json", "model.onnx", "pareto.png", "parity.json", "report.md",
-        "schedule.json", "tune.json",
+        "accuracy.json", "bench.json", "data_config.json", "model.onnx", "pareto.png", "parity.json",
+        "predictions.npz", "report.md", "schedule.json", "tune.json",
     ]  # fmt: skip
     record = json.loads((out / "tune.json").read_text())
     assert {t["number"] for t in record["trials"]} == {t.number for t in trials}
